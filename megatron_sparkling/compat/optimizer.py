@@ -1,0 +1,71 @@
+"""Work around megatron-core 0.16.1's load of `fully_reshardable` distributed-optimizer state.
+
+With torch's Adam (no apex / Transformer Engine, e.g. on CPU) each parameter's optimizer state
+holds a `step` tensor. `DistributedOptimizer._set_main_param_and_optimizer_states` copies every
+key of that state from the loaded tensors, but the loader strips `step` (it lives in the param
+groups), so loading a `fully_reshardable` checkpoint fails with KeyError 'step'. While the
+context below is active, only the keys that were loaded are copied; `step` is restored from the
+param groups by `DistributedOptimizer.load_state_dict` as usual. Nothing in megatron-core's files
+is edited, and the method is restored on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _distributed_optimizers(optimizer):
+    from megatron.core.optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            yield opt
+
+
+def _set_loaded_states_only(self, model_param, tensors):
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return type(self)._set_main_param_and_optimizer_states(self, model_param, tensors)
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    targets = {"param": main_param, **self.optimizer.state[main_param]}
+    for key, target in targets.items():
+        # `step` was already set from the param groups; a per-tensor copy would be stale.
+        if key in tensors and key != "step":
+            target.copy_(tensors[key])
+
+
+@contextlib.contextmanager
+def patched_fully_reshardable_load(optimizer):
+    opts = list(_distributed_optimizers(optimizer)) if optimizer is not None else []
+    for opt in opts:
+        opt._set_main_param_and_optimizer_states = _set_loaded_states_only.__get__(opt)
+    try:
+        yield
+    finally:
+        for opt in opts:
+            del opt._set_main_param_and_optimizer_states
+    for opt in opts:
+        # load_state_dict gives every parameter the SAME `step` tensor; torch's Adam then
+        # increments it once per parameter per step, breaking bias correction. Unshare it.
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def initialize_empty_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer its (dummy) Adam state before a load.
+
+    With torch's Adam (no apex / TE) `DistributedOptimizer.state_dict()` reads `step` from the
+    per-parameter state, which torch creates lazily at the first step; building the sharded
+    state dict to load into a fresh optimizer then fails (`assert len(steps) == 1`). Megatron's
+    own `_init_optimizer_states_with_dummy_values` creates it; every value it writes (params
+    included, via a zero-gradient step) is overwritten by the load that follows.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE or optimizer is None:
+        return
+    for opt in _distributed_optimizers(optimizer):
+        if len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
