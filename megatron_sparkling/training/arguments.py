@@ -404,6 +404,11 @@ def validate_args(args: argparse.Namespace, world_size: int, gpu: bool,
         args.start_weight_decay = args.weight_decay
     if args.end_weight_decay is None:
         args.end_weight_decay = args.weight_decay
+    warmup = (args.lr_warmup_fraction * args.lr_decay_iters if args.lr_warmup_fraction is not None
+              else args.lr_warmup_iters)
+    _require(warmup < args.lr_decay_iters,
+             f"the warm-up ({warmup} iterations) must be shorter than --lr-decay-iters "
+             f"({args.lr_decay_iters}, default --train-iters)")
     _require(args.lr_decay_style != "WSD" or args.lr_wsd_decay_iters is not None,
              "--lr-decay-style WSD needs --lr-wsd-decay-iters")
     for flag in ("no_save_optim", "no_save_rng", "no_load_optim", "no_load_rng"):

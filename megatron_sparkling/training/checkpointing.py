@@ -72,6 +72,15 @@ def _serializable(metadata: dict) -> dict:
     return {k: v for k, v in metadata.items() if k != "dp_cp_group"}
 
 
+def _comparable_common_state(common: dict) -> dict:
+    """The common state as compared across ranks at save: per-process args left out."""
+    out = dict(common)
+    if "args" in out:
+        out["args"] = {k: v for k, v in vars(out["args"]).items()
+                       if k not in ("rank", "local_rank")}
+    return out
+
+
 def rng_state_object(args):
     """This rank's RNG state as Megatron-LM stores it."""
     from megatron.core import parallel_state as mpu
@@ -150,6 +159,7 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler,
     torch.distributed.barrier()
     dist_checkpointing.save(state, ckpt_dir, get_default_save_sharded_strategy("torch_dist"),
                             validate_access_integrity=True,
+                            preprocess_common_before_consistancy_check=_comparable_common_state,
                             content_metadata=_serializable(metadata))
     torch.distributed.barrier()
     if rank == 0:

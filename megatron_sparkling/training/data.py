@@ -10,6 +10,7 @@ validation losses at different iterations (and of different runs) are on the sam
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -69,12 +70,41 @@ def build_datasets(args, tokenizer):
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
+    if not args.mock_data:
+        _check_splits_have_documents(args)
     gbs = args.global_batch_size
     eval_samples = max(args.eval_iters, 1) * gbs
     sizes = [args.train_iters * gbs, eval_samples, eval_samples]
     cls = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True,
                                          dataset_config(args, tokenizer)).build()
+
+
+def _check_splits_have_documents(args) -> None:
+    """megatron-core's GPTDataset loops forever on a split with no documents: refuse it first."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
+    paths = list(args.data_path)
+    if len(paths) > 1 and _is_number(paths[0]):
+        paths = paths[1::2]
+    for path in paths:
+        if not (os.path.exists(path + ".bin") and os.path.exists(path + ".idx")):
+            raise FileNotFoundError(f"--data-path {path}: no {path}.bin/.idx; build it with "
+                                    "examples/prepare_corpus.py --output-prefix " + path)
+        documents = len(IndexedDataset(path).document_indices) - 1
+        for name, bound in zip(("train", "validation", "test"), bounds):
+            if bound is None:
+                continue
+            count = int(round(bound[1] * documents)) - int(round(bound[0] * documents))
+            if count <= 0:
+                raise ValueError(
+                    f"--split {args.split} leaves the {name} split of {path} ({documents} "
+                    f"documents) empty; give it a larger share (e.g. --split 90,10,0)")
 
 
 def _collate(samples):

@@ -1,0 +1,112 @@
+"""Shared test set-up: a real tokenized corpus, tiny real MoE models, in-process and torchrun runs.
+
+Nothing of Megatron is faked: every test builds megatron-core models, optimizers and
+dist_checkpointing checkpoints on CPU with gloo, in this process (1 rank) or under torchrun.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(REPO, "examples", "pretrain_moe.py")
+CORPUS_TOKENS = 1_500_000
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs (torchrun, benchmarks); "
+                                       "deselect with -m 'not slow'")
+
+
+@pytest.fixture(scope="session")
+def corpus_prefix(tmp_path_factory) -> str:
+    """A real corpus (standard-library source, byte tokens) in megatron-core's indexed format."""
+    from megatron_sparkling.training import corpus
+
+    prefix = str(tmp_path_factory.mktemp("corpus") / "stdlib_text_document")
+    corpus.build(corpus.stdlib_files(corpus.default_source_dir()), prefix, CORPUS_TOKENS)
+    return prefix
+
+
+def tiny_moe_flags(data_path: str, **overrides) -> list[str]:
+    """Flags of a tiny MoE GPT (SwiGLU, RMSNorm, RoPE, GQA-capable) in Megatron-LM's names.
+
+    Keyword overrides replace a flag's value (`train_iters=20`); True adds a bare flag, None or
+    False removes it.
+    """
+    flags = {
+        "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+        "num_experts": 4, "moe_ffn_hidden_size": 128, "moe_router_topk": 2,
+        "moe_aux_loss_coeff": 0.01, "swiglu": True, "normalization": "RMSNorm",
+        "position_embedding_type": "rope", "disable_bias_linear": True,
+        "untie_embeddings_and_output_weights": True, "seq_length": 64,
+        "max_position_embeddings": 64, "micro_batch_size": 4, "global_batch_size": 8,
+        "train_iters": 20, "lr": 1e-3, "min_lr": 1e-4, "lr_warmup_iters": 5,
+        "lr_decay_style": "cosine", "log_interval": 1000, "eval_interval": 0, "eval_iters": 2,
+        "data_path": data_path, "split": "90,10,0", "seed": 1234,
+    }
+    flags.update(overrides)
+    argv = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def megatron_run(argv, extra_args_provider=None):
+    """A 1-rank Pretrainer in this process; parallel state and process group torn down after."""
+    from megatron_sparkling.training.initialize import shutdown
+    from megatron_sparkling.training.loop import Pretrainer
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        trainer = Pretrainer.from_argv(argv, extra_args_provider)
+        yield trainer
+    finally:
+        shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def torchrun(nproc: int, script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Launch `script` under torchrun on CPU; raises with the output if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", script, *args]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(records) -> dict[int, float]:
+    return {r["iteration"]: r["lm loss"] for r in records if "lm loss" in r}
