@@ -332,7 +332,7 @@ def validate_args(args: argparse.Namespace, world_size: int, gpu: bool,
         args.bias_swiglu_fusion = False
         args.bias_gelu_fusion = False
         args.apply_rope_fusion = False
-        args.persist_layer_norm = False
+        args.no_persist_layer_norm = True
     args.params_dtype = torch.bfloat16 if args.bf16 else torch.half if args.fp16 else torch.float
     if args.bf16:
         args.accumulate_allreduce_grads_in_fp32 = True

@@ -47,7 +47,10 @@ def layer_spec(args, config, vp_stage=None):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     use_te = args.transformer_impl == "transformer_engine"
-    if args.num_experts:
+    needs_sp_norm = not use_te and not specs.HAVE_APEX
+    # A dense local model gets the block spec too, so that its final norm is replaced as well
+    # (the same layers and keys as Megatron-LM's layer spec).
+    if args.num_experts or needs_sp_norm:
         spec = specs.get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization=args.normalization,
             qk_l2_norm=False, vp_stage=vp_stage)
@@ -57,7 +60,7 @@ def layer_spec(args, config, vp_stage=None):
     else:
         spec = specs.get_gpt_layer_local_spec(
             None, False, args.qk_layernorm, False, normalization=args.normalization)
-    if not use_te and not specs.HAVE_APEX:
+    if needs_sp_norm:
         spec = replace_torch_norm(spec)
     return spec
 

@@ -1,0 +1,246 @@
+"""The one table of megatron-core's tensor layouts: which axis of which tensor is what.
+
+Every other module asks this table; nothing else parses parameter names. Keys are the global
+(unsharded) keys megatron-core's `sharded_state_dict()` and torch_dist checkpoints use, e.g.
+
+    decoder.layers.mlp.experts.experts.linear_fc1.weight     (L, E, 2f, h)   stacked layers
+    decoder.layers.3.mlp.linear_fc1.weight                    (2F, h)         per-layer key
+
+Homogeneous layers are stored with the layer index as a leading axis ("stacked"); mixed stacks
+(e.g. dense and MoE layers via --moe-layer-freq) are stored per layer, `decoder.layers.{i}.`.
+Optimizer state in model space carries the model key behind a prefix
+(`optimizer.state.exp_avg.<model key>`); `split_state_key` separates the two.
+
+Each tensor dimension has an `Axis` (what it counts) and a `Role` (how it behaves when that axis
+grows):
+- OUT: output rows of a linear (fan-out when the axis grows: new rows);
+- IN: input columns of a linear (fan-in: new columns, and a rescale to keep the output's scale);
+- GAIN: a norm's per-unit scale;
+- UNIT: an index over whole units (layers, experts, vocabulary rows, positions).
+Two packed layouts exist on disk and are described by `Packing`:
+- GLU: SwiGLU fc1 rows are [gate; up], two halves of the FFN size each (whatever the TP size);
+- QKV: fused QKV rows are grouped per query group, [q_1 .. q_{np/ng}, k, v] x ng, each head_dim rows.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+
+class Axis(str, enum.Enum):
+    LAYER = "layer"
+    EXPERT = "expert"
+    HIDDEN = "hidden"              # residual stream, --hidden-size
+    EXPERT_FFN = "expert_ffn"      # --moe-ffn-hidden-size
+    SHARED_FFN = "shared_ffn"      # --moe-shared-expert-intermediate-size
+    DENSE_FFN = "dense_ffn"        # --ffn-hidden-size (dense layers)
+    QKV = "qkv"                    # fused QKV rows: (heads + 2 groups) x head_dim
+    HEADS = "heads"                # attention output columns: heads x head_dim
+    HEAD_DIM = "head_dim"          # --kv-channels (q/k layernorm)
+    VOCAB = "vocab"                # padded vocabulary
+    POSITION = "position"          # learned absolute positions
+    ONE = "one"                    # a size-1 dimension (shared-expert gate)
+
+
+class Role(str, enum.Enum):
+    OUT = "out"
+    IN = "in"
+    GAIN = "gain"
+    UNIT = "unit"
+
+
+class Packing(str, enum.Enum):
+    NONE = "none"
+    GLU = "glu"
+    QKV = "qkv"
+
+
+@dataclass(frozen=True)
+class Dim:
+    axis: Axis
+    role: Role
+    packing: Packing = Packing.NONE
+
+    def __repr__(self):
+        extra = f"/{self.packing.value}" if self.packing is not Packing.NONE else ""
+        return f"{self.axis.value}:{self.role.value}{extra}"
+
+
+class Kind(str, enum.Enum):
+    LINEAR_WEIGHT = "linear_weight"
+    LINEAR_BIAS = "linear_bias"
+    NORM_WEIGHT = "norm_weight"
+    NORM_BIAS = "norm_bias"
+    EMBEDDING = "embedding"
+    ROUTER = "router"
+    BUFFER = "buffer"
+    EXTRA_STATE = "extra_state"   # Transformer Engine's per-module state (a ShardedObject)
+
+
+H_OUT = Dim(Axis.HIDDEN, Role.OUT)
+H_IN = Dim(Axis.HIDDEN, Role.IN)
+H_GAIN = Dim(Axis.HIDDEN, Role.GAIN)
+EXPERT_UNIT = Dim(Axis.EXPERT, Role.UNIT)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A layout rule: a key pattern (relative to `decoder.layers.` for layer tensors) and the
+    dims of ONE layer's tensor (the stacked layer axis, when present, is added in front)."""
+    pattern: str
+    kind: Kind
+    dims: tuple
+    in_layer: bool = True
+
+
+def _glu(axis: Axis) -> Dim:
+    return Dim(axis, Role.OUT, Packing.GLU)
+
+
+# Layer tensors (pattern relative to "decoder.layers." or "decoder.layers.{i}.").
+# `glu` below marks fc1 rows; a model without --swiglu stores plain rows: see resolve().
+_LAYER_ENTRIES = [
+    Entry(r"self_attention\.linear_qkv\.weight", Kind.LINEAR_WEIGHT,
+          (Dim(Axis.QKV, Role.OUT, Packing.QKV), H_IN)),
+    Entry(r"self_attention\.linear_qkv\.bias", Kind.LINEAR_BIAS,
+          (Dim(Axis.QKV, Role.OUT, Packing.QKV),)),
+    Entry(r"(self_attention\.linear_qkv\.layer_norm_weight|input_layernorm\.weight)",
+          Kind.NORM_WEIGHT, (H_GAIN,)),
+    Entry(r"(self_attention\.linear_qkv\.layer_norm_bias|input_layernorm\.bias)",
+          Kind.NORM_BIAS, (H_GAIN,)),
+    Entry(r"self_attention\.linear_proj\.weight", Kind.LINEAR_WEIGHT,
+          (H_OUT, Dim(Axis.HEADS, Role.IN))),
+    Entry(r"self_attention\.linear_proj\.bias", Kind.LINEAR_BIAS, (H_OUT,)),
+    Entry(r"self_attention\.(q|k)_layernorm\.weight", Kind.NORM_WEIGHT,
+          (Dim(Axis.HEAD_DIM, Role.GAIN),)),
+    Entry(r"self_attention\.(q|k)_layernorm\.bias", Kind.NORM_BIAS,
+          (Dim(Axis.HEAD_DIM, Role.GAIN),)),
+    Entry(r"(mlp\.linear_fc1\.layer_norm_weight|pre_mlp_layernorm\.weight)",
+          Kind.NORM_WEIGHT, (H_GAIN,)),
+    Entry(r"(mlp\.linear_fc1\.layer_norm_bias|pre_mlp_layernorm\.bias)",
+          Kind.NORM_BIAS, (H_GAIN,)),
+    # dense MLP
+    Entry(r"mlp\.linear_fc1\.weight", Kind.LINEAR_WEIGHT, (_glu(Axis.DENSE_FFN), H_IN)),
+    Entry(r"mlp\.linear_fc1\.bias", Kind.LINEAR_BIAS, (_glu(Axis.DENSE_FFN),)),
+    Entry(r"mlp\.linear_fc2\.weight", Kind.LINEAR_WEIGHT, (H_OUT, Dim(Axis.DENSE_FFN, Role.IN))),
+    Entry(r"mlp\.linear_fc2\.bias", Kind.LINEAR_BIAS, (H_OUT,)),
+    # MoE router
+    Entry(r"mlp\.router\.weight", Kind.ROUTER, (EXPERT_UNIT, H_IN)),
+    Entry(r"mlp\.router\.bias", Kind.ROUTER, (EXPERT_UNIT,)),
+    Entry(r"mlp\.router\.expert_bias", Kind.BUFFER, (EXPERT_UNIT,)),
+    # routed experts (SequentialMLP and TEGroupedMLP store the same keys)
+    Entry(r"mlp\.experts\.experts\.linear_fc1\.weight", Kind.LINEAR_WEIGHT,
+          (EXPERT_UNIT, _glu(Axis.EXPERT_FFN), H_IN)),
+    Entry(r"mlp\.experts\.experts\.linear_fc1\.bias", Kind.LINEAR_BIAS,
+          (EXPERT_UNIT, _glu(Axis.EXPERT_FFN))),
+    Entry(r"mlp\.experts\.experts\.linear_fc2\.weight", Kind.LINEAR_WEIGHT,
+          (EXPERT_UNIT, H_OUT, Dim(Axis.EXPERT_FFN, Role.IN))),
+    Entry(r"mlp\.experts\.experts\.linear_fc2\.bias", Kind.LINEAR_BIAS, (EXPERT_UNIT, H_OUT)),
+    # shared expert
+    Entry(r"mlp\.shared_experts\.linear_fc1\.weight", Kind.LINEAR_WEIGHT,
+          (_glu(Axis.SHARED_FFN), H_IN)),
+    Entry(r"mlp\.shared_experts\.linear_fc2\.weight", Kind.LINEAR_WEIGHT,
+          (H_OUT, Dim(Axis.SHARED_FFN, Role.IN))),
+    Entry(r"mlp\.shared_experts\.gate_weight", Kind.LINEAR_WEIGHT,
+          (Dim(Axis.ONE, Role.OUT), H_IN)),
+]
+
+_MODEL_ENTRIES = [
+    Entry(r"embedding\.word_embeddings\.weight", Kind.EMBEDDING,
+          (Dim(Axis.VOCAB, Role.UNIT), H_OUT), in_layer=False),
+    Entry(r"embedding\.position_embeddings\.weight", Kind.EMBEDDING,
+          (Dim(Axis.POSITION, Role.UNIT), H_OUT), in_layer=False),
+    Entry(r"decoder\.final_layernorm\.weight", Kind.NORM_WEIGHT, (H_GAIN,), in_layer=False),
+    Entry(r"decoder\.final_layernorm\.bias", Kind.NORM_BIAS, (H_GAIN,), in_layer=False),
+    Entry(r"output_layer\.weight", Kind.LINEAR_WEIGHT,
+          (Dim(Axis.VOCAB, Role.UNIT), H_IN), in_layer=False),
+    Entry(r"output_layer\.bias", Kind.LINEAR_BIAS, (Dim(Axis.VOCAB, Role.UNIT),),
+          in_layer=False),
+]
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
+_EXTRA_STATE = re.compile(r"\._extra_state(/.*)?$")
+
+# Optimizer-state prefixes in model space (megatron-core 0.16.1 writes these).
+OPTIMIZER_PREFIXES = (
+    "optimizer.state.fp32_param.",
+    "optimizer.state.param.",
+    "optimizer.state.exp_avg_sq.",
+    "optimizer.state.exp_avg.",
+    "optimizer.state.momentum_buffer.",
+)
+_CHAINED = re.compile(r"^chained_(\d+)\.")
+
+
+class UnknownTensorError(KeyError):
+    """A checkpoint key this table does not know: growing it blind could corrupt the model."""
+
+    def __str__(self):
+        return (f"no layout known for checkpoint key {self.args[0]!r}; megatron_sparkling handles "
+                "megatron-core GPT/MoE tensors (see megatron_sparkling/layout.py)")
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """What each dimension of one stored tensor is."""
+    key: str                  # model key (optimizer prefix removed)
+    kind: Kind
+    dims: tuple               # one Dim per tensor dimension, stacked layer axis included
+    layer: Optional[int]      # the layer of a per-layer key ("decoder.layers.3....")
+    stacked: bool             # leading axis is the layer index
+
+    @property
+    def axes(self) -> tuple:
+        return tuple(d.axis for d in self.dims)
+
+    def dim_of(self, axis: Axis) -> Optional[int]:
+        for i, d in enumerate(self.dims):
+            if d.axis is axis:
+                return i
+        return None
+
+
+def split_state_key(key: str) -> tuple[str, str]:
+    """('optimizer.state.exp_avg.', model key) for optimizer state; ('', key) for model keys.
+
+    A `chained_N.` prefix (ChainedOptimizer without avoid-prefix) is kept in the returned prefix.
+    """
+    chained = ""
+    m = _CHAINED.match(key)
+    if m:
+        chained, key = key[:m.end()], key[m.end():]
+    for prefix in OPTIMIZER_PREFIXES:
+        if key.startswith(prefix):
+            return chained + prefix, key[len(prefix):]
+    return chained, key
+
+
+def is_extra_state(key: str) -> bool:
+    return bool(_EXTRA_STATE.search(key))
+
+
+def resolve(key: str, swiglu: bool = True) -> TensorLayout:
+    """The layout of a model key (no optimizer prefix). `swiglu` says whether fc1 rows are GLU
+    packed (the stored args' --swiglu). Raises UnknownTensorError for a key it does not know."""
+    m = _LAYER_KEY.match(key)
+    if m:
+        layer = int(m.group(1)) if m.group(1) is not None else None
+        entries, rest = _LAYER_ENTRIES, m.group(2)
+    else:
+        layer, entries, rest = None, _MODEL_ENTRIES, key
+    for entry in entries:
+        if re.fullmatch(entry.pattern, rest):
+            dims = tuple(Dim(d.axis, d.role, Packing.NONE)
+                         if d.packing is Packing.GLU and not swiglu else d for d in entry.dims)
+            stacked = entry.in_layer and layer is None
+            if stacked:
+                dims = (Dim(Axis.LAYER, Role.UNIT),) + dims
+            return TensorLayout(key, entry.kind, dims, layer, stacked)
+    raise UnknownTensorError(key)
+
+
+def layer_of_key(key: str) -> Optional[int]:
+    m = _LAYER_KEY.match(split_state_key(key)[1])
+    return int(m.group(1)) if m and m.group(1) is not None else None
