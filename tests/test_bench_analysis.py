@@ -1,0 +1,31 @@
+"""The benchmark's curve analysis (pure functions)."""
+import importlib.util
+import os
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_analysis", os.path.join(os.path.dirname(__file__), "..", "bench", "analysis.py"))
+analysis = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(analysis)
+
+SCRATCH = [{"flops": 0, "loss": 5.0}, {"flops": 10, "loss": 3.0}, {"flops": 20, "loss": 2.0}]
+GROWN = [{"flops": 0, "loss": 5.0}, {"flops": 4, "loss": 3.5},
+         {"flops": 4, "loss": 3.6, "after_growth": True}, {"flops": 12, "loss": 1.9}]
+
+
+def test_compute_to_reach_interpolates_the_crossing():
+    assert analysis.compute_to_reach(SCRATCH, 2.0) == 20
+    assert analysis.compute_to_reach(GROWN, 2.0) == pytest.approx(4 + 8 * (1.6 / 1.7))
+    assert analysis.compute_to_reach(SCRATCH, 1.0) is None
+
+
+def test_summary_reports_saving_and_jump():
+    rows = analysis.summarize({"scratch": {"curve": SCRATCH},
+                               "grown": {"curve": GROWN,
+                                         "loss_jump": analysis.growth_jump(GROWN, 4)}}, "scratch")
+    grown = next(r for r in rows if r["run"] == "grown")
+    assert grown["saving"] == pytest.approx(1 - (4 + 8 * 1.6 / 1.7) / 20)
+    assert grown["loss jump"] == pytest.approx(0.1)
+    table = analysis.markdown_table(rows)
+    assert table.count("\n") == 3 and "| grown |" in table
