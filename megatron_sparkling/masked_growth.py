@@ -13,8 +13,9 @@ model's own sharded_state_dict, so any parallel layout works):
   linear_proj, every fc2) x m, and every hidden norm (input, pre-MLP, final) computed by
   operators.norms.masked_norm: statistics over old units plus m-weighted new ones, new outputs
   x m. At m = 0 the new coordinates are exactly zero and every old value is the small model's.
-Needs standalone norm modules (Megatron's local spec); Transformer Engine's fused LayerNormLinear
-has no separate norm to hook and is refused.
+Needs standalone norm modules (Megatron's local spec: torch RMSNorm/LayerNorm, apex
+FusedLayerNorm); Transformer Engine's fused LayerNormLinear has no separate norm to hook and is
+refused at install.
 """
 from __future__ import annotations
 
@@ -89,6 +90,12 @@ class MaskRamp:
                 continue
             local_new = umap.is_new[offset[d]:offset[d] + local_shape[d]]
             if lay.kind is Kind.NORM_WEIGHT and dim.axis is Axis.HIDDEN:
+                if _norm_kind(module) is None:
+                    self.remove()
+                    raise TypeError(
+                        f"msg: cannot mask the hidden norm inside {type(module).__name__} "
+                        f"({key}); grow the hidden size with msg on Megatron's local spec "
+                        "(standalone norm modules)")
                 self._handles.append(module.register_forward_hook(self._norm_hook(local_new)))
             elif dim.role is Role.IN and dim.axis in MASKED_INPUT_AXES and pname != "bias":
                 self._handles.append(module.register_forward_pre_hook(self._input_hook(local_new)))
@@ -116,16 +123,27 @@ class MaskRamp:
         def hook(module, args, output):
             if self.m >= 1.0:
                 return None
-            if not isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
-                raise TypeError(
-                    f"msg: cannot mask the hidden norm inside {type(module).__name__}; grow the "
-                    "hidden size with msg on Megatron's local spec (standalone norm modules)")
             x = args[0]
+            rms, zero_centered = _norm_kind(module)
             eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
             return norms.masked_norm(x, module.weight, getattr(module, "bias", None), eps,
-                                     self._keep(is_new, x), isinstance(module, torch.nn.RMSNorm),
-                                     self.plan.spec.source.zero_centered_gamma)
+                                     self._keep(is_new, x), rms, zero_centered)
         return hook
+
+
+def _norm_kind(module):
+    """(is RMSNorm, zero-centred gamma) of a norm module we can recompute; None otherwise."""
+    if isinstance(module, torch.nn.RMSNorm):
+        return True, False
+    if isinstance(module, torch.nn.LayerNorm):
+        return False, False
+    try:  # apex-backed LayerNorm of Megatron's local spec
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    except ImportError:
+        return None
+    if isinstance(module, FusedLayerNorm):
+        return False, bool(module.zero_centered_gamma)
+    return None
 
 
 def _param_shards(chunk) -> dict:

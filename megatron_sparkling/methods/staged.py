@@ -19,8 +19,6 @@ independent: tests/test_width.py measures how fast the off-diagonal blocks fill 
 """
 from __future__ import annotations
 
-import torch
-
 from megatron_sparkling.layout import Role
 from megatron_sparkling.methods.base import register
 from megatron_sparkling.methods.elementwise import ElementwiseGrowth, integer_factor_or_refuse
@@ -29,7 +27,7 @@ from megatron_sparkling.operators import width
 from megatron_sparkling.spec import WIDTH_FIELDS, GrowthSpecError
 
 
-def _out_in(lay, maps):
+def _out_in(lay):
     """(output dim, input dim) indices of a matrix, or None each."""
     out = next((d for d, dim in enumerate(lay.dims) if dim.role is Role.OUT), None)
     inp = next((d for d, dim in enumerate(lay.dims) if dim.role is Role.IN), None)
@@ -64,7 +62,7 @@ class Staged(ElementwiseGrowth):
         return None if out_grown else width.split_factors(umap)
 
     def _structure(self, lay, maps):
-        out, inp = _out_in(lay, maps)
+        out, inp = _out_in(lay)
         if out is None or inp is None or not (maps[out].grown and maps[inp].grown):
             return None
         block = width.block_diagonal_mask(maps[out], maps[inp])
