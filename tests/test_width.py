@@ -116,19 +116,24 @@ def rms_ratios(model, batches) -> dict:
 
 
 def norm_input_rms(model, batches) -> list:
-    """RMS of the residual stream at every hidden norm's input, in forward order."""
+    """RMS of the residual stream at every hidden norm's input (over the batches), in module
+    order: per layer input norm, pre-MLP norm, then the final norm."""
     m = model_lib.unwrap(model)[0]
-    values, handles = [], []
+    sums, handles = {}, []
     for name, module in m.named_modules():
         if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
-            handles.append(module.register_forward_hook(
-                lambda mod, args, out: values.append(float(args[0].float().pow(2).mean().sqrt()))))
+            sums[name] = [0.0, 0]
+
+            def hook(mod, args, out, name=name):
+                sums[name][0] += float(args[0].float().pow(2).sum())
+                sums[name][1] += args[0].numel()
+            handles.append(module.register_forward_hook(hook))
     try:
         logits_of(model, batches)
     finally:
         for h in handles:
             h.remove()
-    return values
+    return [math.sqrt(s / n) for s, n in sums.values()]
 
 
 def grow_all(grower: Grower, tensors: dict) -> dict:
@@ -270,17 +275,40 @@ def test_tied_layernorm_model_unchanged_at_2x(narrow, variant, method):
 
 
 # ------------------------------------------------------------------ number of experts
-def test_expert_growth_routing(narrow, variant):
-    """Exact: E' = 2E with top-k doubled, post-softmax (narrow) and pre-softmax (variant).
-    Measured (not preservable): top-k kept at 2E; E 4 -> 6 with top-k 2 and 3."""
-    exact, _, _ = grown_logits(narrow, dict(num_experts=8, moe_router_topk=4), "sparkling")
-    assert float((exact - narrow.logits).abs().max()) < 1e-5
-    args, shape, tensors, before = variant
-    change = dict(num_experts=8, moe_router_topk=4)
+def _grow_separate_model(narrow, args, tensors, change, method="sparkling"):
+    shape = ModelShape.from_args(args)
     wide = model_lib.build_model(shape.replace(**change).apply_to_args(args), wrap_with_ddp=False)
     load_model_global_tensors(wide, grow_all(
-        Grower(GrowthSpec(shape, shape.replace(**change), "sparkling", 1)), tensors))
-    assert float((logits_of(wide, narrow.batches) - before).abs().max()) < 1e-5
+        Grower(GrowthSpec(shape, shape.replace(**change), method, 1)), tensors))
+    return logits_of(wide, narrow.batches)
+
+
+def test_expert_growth_routing(narrow, variant):
+    """Exact: E' = 2E with top-k doubled: softmax after top-k (narrow), softmax before top-k
+    (variant), sigmoid scores normalized over the top-k with an aux-loss-free expert bias.
+    Measured (not preservable): top-k kept at 2E; E 4 -> 6 with top-k 2 and 3."""
+    import copy
+
+    double = dict(num_experts=8, moe_router_topk=4)
+    exact, _, _ = grown_logits(narrow, double, "sparkling")
+    assert float((exact - narrow.logits).abs().max()) < 1e-5
+    args, _, tensors, before = variant
+    assert float((_grow_separate_model(narrow, args, tensors, double) - before).abs().max()) < 1e-5
+    args = copy.copy(narrow.args)
+    args.moe_router_score_function, args.moe_router_enable_expert_bias = "sigmoid", True
+    args.moe_router_load_balancing_type, args.moe_aux_loss_coeff = "none", 0.0
+    sigmoid = model_lib.build_model(args, wrap_with_ddp=False)
+    tensors = model_global_tensors(sigmoid)
+    bias_key = "decoder.layers.0.mlp.router.expert_bias"
+    tensors[bias_key] += 0.5 * torch.randn(tensors[bias_key].shape,
+                                           generator=torch.Generator().manual_seed(0))
+    load_model_global_tensors(sigmoid, tensors)
+    before = logits_of(sigmoid, narrow.batches)
+    assert float((_grow_separate_model(narrow, args, tensors, double) - before).abs().max()) < 1e-5
+    kept = float((_grow_separate_model(narrow, args, tensors, dict(num_experts=8))
+                  - before).abs().max())
+    FIGURES["experts sigmoid+expert bias, E 4->8 top-k kept"] = f"max logit diff {kept:.3f}"
+    assert kept > 1e-3
     for change in (dict(num_experts=8), dict(num_experts=6), dict(num_experts=6,
                                                                   moe_router_topk=3)):
         out, _, _ = grown_logits(narrow, change, "sparkling")
