@@ -192,3 +192,29 @@ def test_stacked_extra_state_grows_along_layers_and_experts():
         for e in range(4):
             assert grown[layout.object_unique_key(key, (l, e), (2, 4))] == (
                 f"{l}{int(experts.source[e])}")
+
+
+def test_fresh_layers_need_a_depth_rule_and_get_it():
+    from megatron_sparkling.methods import get_method
+    from megatron_sparkling.spec import GrowthSpecError
+
+    spec = GrowthSpec(SHAPE, SHAPE.replace(num_layers=3), "sparkling")
+    method = get_method("sparkling")
+    method.layer_map = UnitMap.append(2, 3)          # layer 2 has no source
+    with pytest.raises(GrowthSpecError, match="number of layers: sparkling copies layers but "
+                                              r"layers \[2\] have no source"):
+        Grower(spec, method)
+    calls = []
+
+    def identity_layer(key, kind, lay, grown, dim, fresh):
+        calls.append((key, kind, fresh.tolist()))
+        grown.select(dim, int(fresh[0])).zero_()
+
+    method.fresh_layer_rule = identity_layer
+    grower = Grower(spec, method)
+    key = "decoder.layers.self_attention.linear_proj.weight"
+    w = torch.randn(2, 8, 8)
+    grown = grower.grow(key, w)
+    assert torch.equal(grown[:2], w) and not grown[2].any()
+    assert calls == [(key, "param", [2])]
+    assert grower.new_mask(key)[2].all() and not grower.new_mask(key)[:2].any()

@@ -75,6 +75,9 @@ class ElementwiseGrowth(GrowthMethod):
     fresh_gains = "identity"
     fresh_biases = "zeros"
     state_rule = "reset_new"
+    # Depth hooks (set by a depth method composing with this one): the layer unit map to use
+    # instead of the plan's, and the rule that fills layers with no source (-1 in that map).
+    layer_map: Optional[UnitMap] = None
     fresh_layer_rule: Optional[FreshLayerRule] = None
 
     # ------------------------------------------------------------------ plan
@@ -83,7 +86,21 @@ class ElementwiseGrowth(GrowthMethod):
 
     def make_plan(self, spec: GrowthSpec) -> GrowthPlan:
         self.validate(spec)
-        return GrowthPlan.twins(spec, fresh_axes=self.fresh_axes)
+        return self.check_layers(GrowthPlan.twins(spec, fresh_axes=self.fresh_axes))
+
+    def check_layers(self, plan: GrowthPlan) -> GrowthPlan:
+        """Put in the depth hook's layer map, if any; refuse, before any tensor, layers with no
+        source unless a rule fills them."""
+        if self.layer_map is not None:
+            plan.units[Axis.LAYER] = self.layer_map
+        layers = plan.units.get(Axis.LAYER)
+        if layers is not None and bool((layers.source < 0).any()) and (
+                self.fresh_layer_rule is None):
+            fresh = (layers.source < 0).nonzero().flatten().tolist()
+            raise GrowthSpecError(
+                f"number of layers: {self.name} copies layers but layers {fresh} have no "
+                "source; grow depth with a depth method (operators/depth.py)")
+        return plan
 
     # ------------------------------------------------------------------ rules
     def fan_in_factor(self, umap: UnitMap, out_grown: bool) -> width.Factor:
@@ -160,16 +177,11 @@ class ElementwiseGrowth(GrowthMethod):
             return
         layer_map = maps[0]
         fresh = (layer_map.source < 0).nonzero().flatten()
-        if fresh.numel() == 0:
-            return
-        if self.fresh_layer_rule is None:
-            raise GrowthSpecError(
-                f"number of layers: {self.name} copies layers but layers "
-                f"{fresh.tolist()} have no source; grow depth with a depth method")
-        self.fresh_layer_rule(key, kind, lay, grown, 0, fresh)
+        if fresh.numel():
+            self.fresh_layer_rule(key, kind, lay, grown, 0, fresh)
 
 
-def integer_factor_or_refuse(spec: GrowthSpec, method: str, plan_axes=None) -> dict:
+def integer_factor_or_refuse(spec: GrowthSpec, method: str) -> dict:
     """{axis: k} for every grown width axis; refuses (one line) an axis whose factor is not an
     integer, naming the valid sizes."""
     from megatron_sparkling.spec import WIDTH_FIELDS

@@ -58,7 +58,7 @@ class HyperCloning(ElementwiseGrowth):
 
     def make_plan(self, spec):
         self.validate(spec)
-        return tiled_plan(spec)
+        return self.check_layers(tiled_plan(spec))
 
     def fan_in_factor(self, umap, out_grown):
         return width.split_factors(umap)

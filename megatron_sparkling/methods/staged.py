@@ -50,7 +50,7 @@ class Staged(ElementwiseGrowth):
 
     def make_plan(self, spec):
         self.validate(spec)
-        return tiled_plan(spec)
+        return self.check_layers(tiled_plan(spec))
 
     def _factor(self, maps) -> int:
         ks = [width.integer_factor(m) for m in maps if m.grown]
