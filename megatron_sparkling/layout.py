@@ -93,6 +93,7 @@ class Entry:
     kind: Kind
     dims: tuple
     in_layer: bool = True
+    feeds_output: bool = False    # the final norm: its output feeds only the output layer
 
 
 def _glu(axis: Axis) -> Dim:
@@ -152,8 +153,10 @@ _MODEL_ENTRIES = [
           (Dim(Axis.VOCAB, Role.UNIT), H_OUT), in_layer=False),
     Entry(r"embedding\.position_embeddings\.weight", Kind.EMBEDDING,
           (Dim(Axis.POSITION, Role.UNIT), H_OUT), in_layer=False),
-    Entry(r"decoder\.final_layernorm\.weight", Kind.NORM_WEIGHT, (H_GAIN,), in_layer=False),
-    Entry(r"decoder\.final_layernorm\.bias", Kind.NORM_BIAS, (H_GAIN,), in_layer=False),
+    Entry(r"decoder\.final_layernorm\.weight", Kind.NORM_WEIGHT, (H_GAIN,), in_layer=False,
+          feeds_output=True),
+    Entry(r"decoder\.final_layernorm\.bias", Kind.NORM_BIAS, (H_GAIN,), in_layer=False,
+          feeds_output=True),
     Entry(r"output_layer\.weight", Kind.LINEAR_WEIGHT,
           (Dim(Axis.VOCAB, Role.UNIT), H_IN), in_layer=False),
     Entry(r"output_layer\.bias", Kind.LINEAR_BIAS, (Dim(Axis.VOCAB, Role.UNIT),),
@@ -190,6 +193,7 @@ class TensorLayout:
     dims: tuple               # one Dim per tensor dimension, stacked layer axis included
     layer: Optional[int]      # the layer of a per-layer key ("decoder.layers.3....")
     stacked: bool             # leading axis is the layer index
+    feeds_output: bool = False  # a norm whose output feeds only the output layer (final norm)
 
     @property
     def axes(self) -> tuple:
@@ -237,10 +241,60 @@ def resolve(key: str, swiglu: bool = True) -> TensorLayout:
             stacked = entry.in_layer and layer is None
             if stacked:
                 dims = (Dim(Axis.LAYER, Role.UNIT),) + dims
-            return TensorLayout(key, entry.kind, dims, layer, stacked)
+            return TensorLayout(key, entry.kind, dims, layer, stacked, entry.feeds_output)
     raise UnknownTensorError(key)
 
 
 def layer_of_key(key: str) -> Optional[int]:
     m = _LAYER_KEY.match(split_state_key(key)[1])
     return int(m.group(1)) if m and m.group(1) is not None else None
+
+
+# State kinds of optimizer prefixes (the growth methods' `kind` argument).
+_STATE_KINDS = {
+    "optimizer.state.fp32_param.": "param",
+    "optimizer.state.param.": "param",
+    "optimizer.state.exp_avg_sq.": "exp_avg_sq",
+    "optimizer.state.exp_avg.": "exp_avg",
+    "optimizer.state.momentum_buffer.": "momentum",
+}
+
+
+def state_kind(key: str) -> str:
+    """The growth state kind of a stored key: "param" for model weights and fp32 main params,
+    "exp_avg", "exp_avg_sq" or "momentum" for optimizer moments."""
+    prefix = split_state_key(key)[0]
+    prefix = prefix[_CHAINED.match(prefix).end():] if _CHAINED.match(prefix) else prefix
+    return _STATE_KINDS.get(prefix, "param")
+
+
+def split_object_key(unique_key: str) -> tuple[str, tuple, tuple]:
+    """(key, global offset, global shape) of a ShardedObject's unique key
+    (`<key>/shard_<offset>_<shape>`, dot-separated numbers)."""
+    key, _, shard = unique_key.rpartition("/shard_")
+    if not key:
+        raise ValueError(f"{unique_key!r} is not a ShardedObject unique key (<key>/shard_<o>_<s>)")
+    offset, shape = shard.split("_")
+    return key, tuple(int(x) for x in offset.split(".")), tuple(int(x) for x in shape.split("."))
+
+
+def object_unique_key(key: str, offset: tuple, shape: tuple) -> str:
+    return f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}"
+
+
+def object_axes(key: str, swiglu: bool = True) -> tuple:
+    """The unit axes of a module's `_extra_state` ShardedObject, one per object dimension.
+
+    Megatron shards a module's extra state like the module's weights' prepended axes: the layer
+    axis of a stacked key, then the expert axis of an expert module (SequentialMLP and
+    TEGroupedMLP alike); a per-layer non-expert module has the single dimension (1,), no axis.
+    """
+    owner = _EXTRA_STATE.sub("", key)
+    try:
+        lay = resolve(owner + ".weight", swiglu)
+        axes = tuple(d.axis for d in lay.dims if d.role is Role.UNIT
+                     and d.axis in (Axis.LAYER, Axis.EXPERT))
+    except UnknownTensorError:  # e.g. TE's core_attention: layer-stacked only
+        m = _LAYER_KEY.match(owner)
+        axes = (Axis.LAYER,) if m and m.group(1) is None else ()
+    return axes or (Axis.ONE,)

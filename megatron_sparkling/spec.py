@@ -37,6 +37,7 @@ class ModelShape:
     tied_embeddings: bool = True
     max_position_embeddings: int = 0
     learned_positions: bool = False
+    zero_centered_gamma: bool = False   # --apply-layernorm-1p: norms store gain - 1
 
     @classmethod
     def from_args(cls, args) -> "ModelShape":
@@ -60,6 +61,8 @@ class ModelShape:
             max_position_embeddings=getattr(args, "max_position_embeddings", 0) or 0,
             learned_positions=getattr(args, "position_embedding_type",
                                       "learned_absolute") == "learned_absolute",
+            zero_centered_gamma=bool(getattr(args, "apply_layernorm_1p", False)
+                                     or getattr(args, "layernorm_zero_centered_gamma", False)),
         )
 
     def replace(self, **changes) -> "ModelShape":

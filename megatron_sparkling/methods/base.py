@@ -7,20 +7,27 @@ tensor, for the weights (fp32 main params included) and for each optimizer state
 time, so a converter can stream a checkpoint of any size and an in-memory hook can grow a live
 model the same way.
 
-State kinds passed as `kind`:
+State kinds passed as `kind` (inferred from an optimizer key's prefix when not given):
     "param"       model weights and the optimizer's fp32 main params (the same values)
     "exp_avg"     Adam first moment            "exp_avg_sq"  Adam second moment
     "momentum"    Muon / SGD momentum buffer
+
+Besides tensors, a checkpoint holds modules' `_extra_state` ShardedObjects (Transformer Engine's
+FP8 metadata; None with the local spec), one per layer and expert: `Grower.grow_objects` gives
+the grown model's objects (a new expert's or layer's is a copy of its source's).
 """
 from __future__ import annotations
 
+import copy
+import inspect
 from typing import Optional
 
 import torch
 
 from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.plan import GrowthPlan
-from megatron_sparkling.spec import GrowthSpec
+from megatron_sparkling.layout import Axis
+from megatron_sparkling.plan import GrowthPlan, UnitMap
+from megatron_sparkling.spec import GrowthSpec, ParallelLayout, validate
 
 STATE_KINDS = ("param", "exp_avg", "exp_avg_sq", "momentum")
 
@@ -30,6 +37,9 @@ class GrowthMethod:
 
     name: str = ""
     preserves_function: bool = False   # declared: logits equal before/after at integer factors
+
+    def validate(self, spec: GrowthSpec) -> None:
+        """Refuse (GrowthSpecError, one line) a growth this method cannot do."""
 
     def make_plan(self, spec: GrowthSpec) -> GrowthPlan:
         return GrowthPlan.twins(spec)
@@ -50,25 +60,68 @@ def register(cls):
 def get_method(name: str, **options) -> GrowthMethod:
     if name not in REGISTRY:
         raise ValueError(f"unknown growth method {name!r}; choose one of {sorted(REGISTRY)}")
-    return REGISTRY[name](**options)
+    cls = REGISTRY[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"growth method {name!r} has no option {', '.join(unknown)}; its "
+                         f"options: {', '.join(accepted) or 'none'}")
+    return cls(**options)
 
 
 class Grower:
     """One growth: a method, its plan, and the tensor-by-tensor transform."""
 
-    def __init__(self, spec: GrowthSpec, method: Optional[GrowthMethod] = None):
+    def __init__(self, spec: GrowthSpec, method: Optional[GrowthMethod] = None,
+                 parallel: Optional[ParallelLayout] = None):
+        """Validates the spec (and the target parallel layout, if given) and the method's own
+        constraints before any tensor is touched."""
+        validate(spec, parallel)
         self.spec = spec
         self.method = method or get_method(spec.method, **spec.options)
+        self.method.validate(spec)
         self.plan = self.method.make_plan(spec)
 
     def layout(self, key: str) -> layout_lib.TensorLayout:
         return layout_lib.resolve(layout_lib.split_state_key(key)[1], self.spec.source.swiglu)
 
-    def grow(self, key: str, tensor: torch.Tensor, kind: str = "param") -> torch.Tensor:
-        """The grown version of one stored tensor (model key, optionally optimizer-prefixed)."""
+    def grow(self, key: str, tensor: torch.Tensor, kind: Optional[str] = None) -> torch.Tensor:
+        """The grown version of one stored tensor (model key, optionally optimizer-prefixed);
+        `kind` defaults to the one the key's optimizer prefix names ("param" for model keys)."""
+        inferred = layout_lib.state_kind(key)
+        kind = kind or inferred
         if kind not in STATE_KINDS:
             raise ValueError(f"unknown state kind {kind!r}; one of {STATE_KINDS}")
+        if layout_lib.split_state_key(key)[0] and kind != inferred:
+            raise ValueError(f"{key}: the key holds {inferred!r} state, not {kind!r}")
         return self.method.grow_tensor(key, tensor, kind, self.layout(key), self.plan)
+
+    def grow_objects(self, key: str, objects: dict) -> dict:
+        """The grown model's ShardedObjects of one `_extra_state` key.
+
+        `objects` maps unique keys (`<key>/shard_<offset>_<shape>`, as `ShardedObject.unique_key`
+        and `memory.gather_global` give them) to their data, for every shard of `key`. Returns
+        the grown model's unique keys and data: each object dimension (layer, expert) follows
+        its plan unit map; a new unit's object is a deep copy of its source's (TE: the twin's
+        FP8 metadata); a unit with no source gets None (the module's default state)."""
+        axes = layout_lib.object_axes(key, self.spec.source.swiglu)
+        by_offset, shape = {}, None
+        for unique, data in objects.items():
+            okey, offset, shape = layout_lib.split_object_key(unique)
+            if okey != key or len(offset) != len(axes):
+                raise ValueError(f"{unique!r} is not a shard of {key!r} with axes {axes}")
+            by_offset[offset] = data
+        maps = [self.plan.units.get(a) if a is not Axis.ONE else None for a in axes]
+        maps = [m if m is not None and m.old == n else UnitMap.identity(n)
+                for m, n in zip(maps, shape)]
+        new_shape = tuple(m.new for m in maps)
+        out = {}
+        for index in torch.cartesian_prod(*[torch.arange(m.new) for m in maps]).view(
+                -1, len(maps)).tolist():
+            source = tuple(int(m.source[i]) for m, i in zip(maps, index))
+            data = None if min(source) < 0 else copy.deepcopy(by_offset.get(source))
+            out[layout_lib.object_unique_key(key, tuple(index), new_shape)] = data
+        return out
 
     def new_mask(self, key: str) -> Optional[torch.Tensor]:
         """True where an element of the grown tensor is new (None if none is)."""

@@ -1,0 +1,162 @@
+"""MSG's run-time mask: new units of a grown megatron-core model enter through m ramping 0 -> 1.
+
+`MaskRamp(plan, start_iteration, ramp_steps).install(model_chunks, iteration_fn)` registers
+forward hooks on a live model (nothing in Megatron is edited); m = clamp((iteration_fn() -
+start_iteration) / ramp_steps, 0, 1) is read at every forward of each model chunk, so it works
+with our Pretrainer (`iteration_fn=lambda: trainer.iteration`) and with Megatron-LM's loop
+(`lambda: get_args().curr_iteration`). At m = 1 every hook is a no-op.
+
+What is masked (units new in the plan; each module's local TP/EP shard found through the
+model's own sharded_state_dict, so any parallel layout works):
+- new FFN units (dense, shared, expert) and new heads: the fc2 / linear_proj INPUT columns x m;
+- new hidden coordinates: every residual-stream writer's OUTPUT (word and position embeddings,
+  linear_proj, every fc2) x m, and every hidden norm (input, pre-MLP, final) computed by
+  operators.norms.masked_norm: statistics over old units plus m-weighted new ones, new outputs
+  x m. At m = 0 the new coordinates are exactly zero and every old value is the small model's.
+Needs standalone norm modules (Megatron's local spec: torch RMSNorm/LayerNorm, apex
+FusedLayerNorm); Transformer Engine's fused LayerNormLinear has no separate norm to hook and is
+refused at install.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from megatron_sparkling import layout as layout_lib
+from megatron_sparkling.layout import Axis, Kind, Role
+from megatron_sparkling.operators import norms
+from megatron_sparkling.plan import GrowthPlan
+
+MASKED_INPUT_AXES = (Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.HEADS)
+
+
+class MaskRamp:
+    def __init__(self, plan: GrowthPlan, start_iteration: int, ramp_steps: int):
+        if ramp_steps < 1:
+            raise ValueError(f"ramp_steps must be at least 1 (got {ramp_steps})")
+        self.plan = plan
+        self.start_iteration = int(start_iteration)
+        self.ramp_steps = int(ramp_steps)
+        self.m = 1.0
+        self._handles: list = []
+        self._iteration_fn: Optional[Callable[[], int]] = None
+
+    @classmethod
+    def from_record(cls, record: dict, start_iteration: int) -> "MaskRamp":
+        """From a growth record (`Grower.record()` of an msg growth)."""
+        from megatron_sparkling.spec import GrowthSpec, ModelShape
+
+        spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
+                          record["method"], record["seed"], dict(record["options"]))
+        plan = GrowthPlan.from_state_dict(spec, record["plan"])
+        return cls(plan, start_iteration, int(record["options"].get("ramp_steps", 100)))
+
+    def value(self, iteration: int) -> float:
+        return float(min(1.0, max(0.0, (iteration - self.start_iteration) / self.ramp_steps)))
+
+    # ------------------------------------------------------------------ hooks
+    def install(self, model_chunks, iteration_fn: Callable[[], int]) -> "MaskRamp":
+        from megatron_sparkling.training.model import unwrap
+
+        self._iteration_fn = iteration_fn
+        self.m = self.value(iteration_fn())
+        for chunk in unwrap(model_chunks):
+            self._handles.append(chunk.register_forward_pre_hook(self._update))
+            owners = _param_shards(chunk)
+            for module in chunk.modules():
+                for pname, param in module.named_parameters(recurse=False):
+                    if id(param) in owners:
+                        self._hook_module(module, pname, *owners[id(param)])
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _update(self, module, args):
+        self.m = self.value(self._iteration_fn())
+
+    def _keep(self, is_new: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(is_new.shape, dtype=like.dtype, device=like.device)
+        return keep.masked_fill_(is_new.to(like.device), self.m)
+
+    def _hook_module(self, module, pname, key, offset, local_shape) -> None:
+        lay = layout_lib.resolve(key, self.plan.spec.source.swiglu)
+        for d, dim in enumerate(lay.dims):
+            umap = self.plan.element_map(dim)
+            if not umap.is_new.any():
+                continue
+            local_new = umap.is_new[offset[d]:offset[d] + local_shape[d]]
+            if lay.kind is Kind.NORM_WEIGHT and dim.axis is Axis.HIDDEN:
+                if _norm_kind(module) is None:
+                    self.remove()
+                    raise TypeError(
+                        f"msg: cannot mask the hidden norm inside {type(module).__name__} "
+                        f"({key}); grow the hidden size with msg on Megatron's local spec "
+                        "(standalone norm modules)")
+                self._handles.append(module.register_forward_hook(self._norm_hook(local_new)))
+            elif dim.role is Role.IN and dim.axis in MASKED_INPUT_AXES and pname != "bias":
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(local_new)))
+            elif dim.role is Role.OUT and dim.axis is Axis.HIDDEN and pname != "bias":
+                self._handles.append(module.register_forward_hook(self._output_hook(local_new)))
+
+    def _input_hook(self, is_new):
+        def hook(module, args):
+            if self.m >= 1.0:
+                return None
+            return (args[0] * self._keep(is_new, args[0]),) + tuple(args[1:])
+        return hook
+
+    def _output_hook(self, is_new):
+        def hook(module, args, output):
+            if self.m >= 1.0:
+                return None
+            if isinstance(output, tuple):
+                return tuple(o * self._keep(is_new, o) if torch.is_tensor(o) else o
+                             for o in output)
+            return output * self._keep(is_new, output)
+        return hook
+
+    def _norm_hook(self, is_new):
+        def hook(module, args, output):
+            if self.m >= 1.0:
+                return None
+            x = args[0]
+            rms, zero_centered = _norm_kind(module)
+            eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+            return norms.masked_norm(x, module.weight, getattr(module, "bias", None), eps,
+                                     self._keep(is_new, x), rms, zero_centered)
+        return hook
+
+
+def _norm_kind(module):
+    """(is RMSNorm, zero-centred gamma) of a norm module we can recompute; None otherwise."""
+    if isinstance(module, torch.nn.RMSNorm):
+        return True, False
+    if isinstance(module, torch.nn.LayerNorm):
+        return False, False
+    try:  # apex-backed LayerNorm of Megatron's local spec
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    except ImportError:
+        return None
+    if isinstance(module, FusedLayerNorm):
+        return False, bool(module.zero_centered_gamma)
+    return None
+
+
+def _param_shards(chunk) -> dict:
+    """id(parameter) -> (global key, global offset, local shape) from the model's own sharded
+    state dict (the one place that knows which global slice each local parameter is)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out = {}
+    # GLU fc1 weights come as ShardedTensorFactories: never masked here, so not needed.
+    for item in nested_values(chunk.sharded_state_dict()):
+        if isinstance(item, ShardedTensor) and item.data is not None:
+            # prepended axes (stacked layers, experts) are size 1 locally
+            local = (1,) * item.prepend_axis_num + tuple(item.local_shape)
+            out.setdefault(id(item.data), (item.key, tuple(item.global_offset), local))
+    return out

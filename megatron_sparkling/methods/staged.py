@@ -1,0 +1,81 @@
+"""Staged training's width doubling (Shen et al. 2022, arXiv 2203.06211): two copies of the model
+side by side, W -> [[W, 0], [0, W]].
+
+Per tensor, with units tiled (copy c of unit u is unit u + c n) and every grown width axis at the
+same integer factor k:
+- output and input dimensions both grown: block-diagonal, copy c of an output reads only copy
+  c of the input (each model copy reads its own copy of the residual stream);
+- only the output grown (embeddings, norm gains, biases, QKV rows when only heads grow): tiled;
+- only the input grown (router, shared-expert gate, output layer, fc2 when only the FFN grows):
+  tiled and divided by k (the copies' contributions are averaged);
+- tied embeddings: the output's 1/k is folded into the final norm (the paper's "final norm
+  halved" at k = 2).
+Experts (any integer multiple): copies, as for every copying method.
+Optimizer: moments laid out like the weights (off-diagonal blocks zero), then m / k and v / k^2
+(momentum / k) for tensors that grew, so Adam's update m/sqrt(v) equals the small model's.
+Off-diagonal blocks receive gradient once training resumes (each copy's input is the sum of both
+copies' outputs through the shared router and the residual), so the copies do not stay
+independent: tests/test_width.py measures how fast the off-diagonal blocks fill in.
+"""
+from __future__ import annotations
+
+from megatron_sparkling.layout import Role
+from megatron_sparkling.methods.base import register
+from megatron_sparkling.methods.elementwise import ElementwiseGrowth, integer_factor_or_refuse
+from megatron_sparkling.methods.hypercloning import tiled_plan
+from megatron_sparkling.operators import width
+from megatron_sparkling.spec import WIDTH_FIELDS, GrowthSpecError
+
+
+def _out_in(lay):
+    """(output dim, input dim) indices of a matrix, or None each."""
+    out = next((d for d, dim in enumerate(lay.dims) if dim.role is Role.OUT), None)
+    inp = next((d for d, dim in enumerate(lay.dims) if dim.role is Role.IN), None)
+    return out, inp
+
+
+@register
+class Staged(ElementwiseGrowth):
+    name = "staged"
+    preserves_function = True
+    state_rule = "staged"
+
+    def validate(self, spec):
+        factors = integer_factor_or_refuse(spec, self.name)
+        width_factors = {n: k for n, k in factors.items() if n != "num_experts"}
+        if len(set(width_factors.values())) > 1:
+            got = ", ".join(f"{WIDTH_FIELDS[n]} {k}x" for n, k in width_factors.items())
+            raise GrowthSpecError(f"{self.name}: every grown width axis must grow by the same "
+                                  f"factor (got {got}); use copy or sparkling for mixed factors")
+
+    def make_plan(self, spec):
+        self.validate(spec)
+        return self.check_layers(tiled_plan(spec))
+
+    def _factor(self, maps) -> int:
+        ks = [width.integer_factor(m) for m in maps if m.grown]
+        ks = [k for k in ks if k]
+        return max(ks) if ks else 1
+
+    def fan_in_factor(self, umap, out_grown):
+        # Block-diagonal tensors read one copy of each input: no division.
+        return None if out_grown else width.split_factors(umap)
+
+    def _structure(self, lay, maps):
+        out, inp = _out_in(lay)
+        if out is None or inp is None or not (maps[out].grown and maps[inp].grown):
+            return None
+        block = width.block_diagonal_mask(maps[out], maps[inp])
+        shape = [1] * len(maps)
+        shape[out], shape[inp] = block.shape
+        return block.view(shape).expand([m.new for m in maps])
+
+    def finish_weight(self, key, grown, lay, maps, plan):
+        structure = self._structure(lay, maps)
+        return grown if structure is None else grown * structure.to(grown.dtype)
+
+    def state_structure(self, lay, maps):
+        return self._structure(lay, maps)
+
+    def state_factor(self, maps):
+        return self._factor(maps)

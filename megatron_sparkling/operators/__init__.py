@@ -1,0 +1,1 @@
+"""Pure tensor operators of growth (no I/O, no torch.distributed): width, norms, optimizer state."""

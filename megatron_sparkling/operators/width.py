@@ -1,0 +1,201 @@
+"""Grow one tensor along its dimensions from element unit maps: copy, fill, rescale.
+
+Pure torch on whole (global) tensors: no files, no torch.distributed. A `UnitMap` per tensor
+dimension (from `GrowthPlan.tensor_maps`) says, for every element index of the grown dimension,
+which source index it copies (-1: a fresh element with no twin). Growing a tensor is:
+
+1. `gather`: copy every element from its source along every dimension at once (old elements
+   keep their values; twins copy them);
+2. `fill_fresh`: give elements with a fresh coordinate (any dimension's source is -1) values by a
+   rule: zeros, a constant, N(0, std^2) (a given std, or the tensor's own std), or draws from the
+   tensor's own values (its empirical distribution);
+3. fan-in rescaling (`scale_along`) with the factors below: Net2Net's split among copies
+   (`split_factors`), SPARKLING's RMS-consistent `sparkling_alpha`.
+
+Statistics for "own std" and "empirical" are taken per leading unit slice (per layer, per expert:
+`unit_dims`), so a new expert's or layer's values look like its own source's, not the average.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from megatron_sparkling.plan import UnitMap
+
+FILL_RULES = ("zeros", "constant", "normal", "empirical")
+Factor = Union[float, torch.Tensor, None]
+
+
+def gather(tensor: torch.Tensor, maps: Sequence[UnitMap]) -> torch.Tensor:
+    """Every element copied from its source along every dimension (fresh elements get a copy
+    of index 0, to be overwritten by `fill_fresh`)."""
+    assert len(maps) == tensor.dim(), (tuple(tensor.shape), len(maps))
+    out = tensor
+    for d, m in enumerate(maps):
+        assert m.old == tensor.shape[d], f"dim {d}: tensor has {tensor.shape[d]}, map {m.old}"
+        if m.grown or not torch.equal(m.source, torch.arange(m.new)):
+            out = out.index_select(d, m.source.clamp(min=0))
+    return out.clone() if out is tensor else out  # never an alias of the input
+
+
+def grow_along(tensor: torch.Tensor, dim: int, umap: UnitMap, rule: str = "zeros",
+               value: float = 0.0, std: Optional[float] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Grow one dimension: copy from sources, fill fresh elements by `rule`."""
+    maps = [UnitMap.identity(n) for n in tensor.shape]
+    maps[dim] = umap
+    grown = gather(tensor, maps)
+    mask = axis_mask(maps, fresh=True)
+    if mask is not None:
+        fill_fresh(grown, mask, rule, tensor, maps, value=value, std=std, generator=generator)
+    return grown
+
+
+def axis_mask(maps: Sequence[UnitMap], fresh: bool) -> Optional[torch.Tensor]:
+    """Bool tensor of the grown shape: True where any coordinate is fresh (source -1,
+    `fresh=True`) or new (`fresh=False`); None when no element is."""
+    vecs = [(m.source < 0) if fresh else m.is_new for m in maps]
+    if not any(v.any() for v in vecs):
+        return None
+    mask = None
+    for i, v in enumerate(vecs):
+        shape = [1] * len(vecs)
+        shape[i] = v.numel()
+        v = v.view(shape)
+        mask = v if mask is None else (mask | v)
+    return mask.expand([m.new for m in maps])
+
+
+def unit_sources(maps: Sequence[UnitMap], unit_dims: int) -> torch.Tensor:
+    """(prod of grown unit sizes,) flat index of the source unit slice of each grown unit slice
+    over the leading `unit_dims` dimensions (fresh units take their slice's index 0 source)."""
+    flat = torch.zeros(1, dtype=torch.long)
+    for m in maps[:unit_dims]:
+        flat = (flat.unsqueeze(1) * m.old + m.source.clamp(min=0).unsqueeze(0)).reshape(-1)
+    return flat
+
+
+def fill_fresh(grown: torch.Tensor, mask: torch.Tensor, rule: str, source: torch.Tensor,
+               maps: Sequence[UnitMap], value: float = 0.0, std: Optional[float] = None,
+               unit_dims: int = 0, generator: Optional[torch.Generator] = None) -> None:
+    """Fill `grown` where `mask` is True, in place.
+
+    rule: "zeros"; "constant" (`value`); "normal" (N(0, std^2); std None: the standard deviation
+    of the source unit slice); "empirical" (values drawn with replacement from the source unit
+    slice). Slices are over the leading `unit_dims` dimensions (layers, experts)."""
+    if rule not in FILL_RULES:
+        raise ValueError(f"unknown fill rule {rule!r}; one of {FILL_RULES}")
+    if rule in ("zeros", "constant"):
+        grown.masked_fill_(mask, 0.0 if rule == "zeros" else value)
+        return
+    units = int(math.prod(grown.shape[:unit_dims]))
+    g_rows = grown.view(units, -1)
+    m_rows = mask.reshape(units, -1)
+    src_rows = source.reshape(int(math.prod(source.shape[:unit_dims])), -1).to(grown.dtype)
+    row_src = unit_sources(maps, unit_dims)
+    rows, cols = m_rows.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return
+    if rule == "normal":
+        if std is None:
+            stds = src_rows.std(dim=1, unbiased=False) if src_rows.shape[1] > 1 else (
+                src_rows.abs().mean(dim=1))
+            scale = stds[row_src[rows]]
+        else:
+            scale = torch.full((rows.numel(),), float(std), dtype=grown.dtype)
+        draws = torch.randn(rows.numel(), generator=generator, dtype=grown.dtype) * scale
+    else:
+        n = src_rows.shape[1]
+        pick = torch.randint(0, n, (rows.numel(),), generator=generator)
+        draws = src_rows[row_src[rows], pick]
+    g_rows[rows, cols] = draws
+
+
+# ---------------------------------------------------------------------------------- fan-in
+def split_factors(umap: UnitMap) -> torch.Tensor:
+    """(new,) Net2Net's fan-in factor per element: 1 / (number of copies of its source), so a
+    unit split among its copies sums to the original (fresh elements: 1)."""
+    counts = umap.copies().to(torch.float64)
+    f = 1.0 / counts.clamp(min=1)[umap.source.clamp(min=0)]
+    return torch.where(umap.source >= 0, f, torch.ones_like(f))
+
+
+def growth_ratio(umap: UnitMap) -> float:
+    """c = n'/n - 1 (1 at 2x)."""
+    return umap.new / umap.old - 1.0
+
+
+def sparkling_alpha(umap: UnitMap, copy_copy: bool) -> float:
+    """SPARKLING's fan-in factor, multiplying old and new columns alike, so that a linear's
+    RMS ratio RMS(y)/RMS(x) is unchanged by growth.
+
+    copy_copy (new columns copy their twins' columns AND read copies of their twins' inputs):
+    a duplicated term counts (1 + 1)^2 = 4 in the output variance, so with a fraction c of the
+    units duplicated (0 < c <= 1) the variance grows by 1 + 3c: alpha = 1/sqrt(1 + 3c); beyond
+    2x each unit is repeated (1 + c) times on average: alpha = 1/(1 + c). At an integer factor
+    k this is 1/k: exactly Net2Net's split, so the function is preserved.
+    Otherwise (new columns random, zero, or copied on one side only) the new terms are
+    independent of the old: alpha = sqrt(n / n')."""
+    if not umap.grown:
+        return 1.0
+    c = growth_ratio(umap)
+    if not copy_copy:
+        return math.sqrt(umap.old / umap.new)
+    return 1.0 / math.sqrt(1.0 + 3.0 * c) if c <= 1.0 else 1.0 / (1.0 + c)
+
+
+def scale_along(tensor: torch.Tensor, dim: int, factor: Factor) -> torch.Tensor:
+    """tensor * factor along `dim` (a scalar, or a vector of that dimension's size)."""
+    if factor is None:
+        return tensor
+    if not torch.is_tensor(factor):
+        return tensor if factor == 1.0 else tensor * factor
+    shape = [1] * tensor.dim()
+    shape[dim] = factor.numel()
+    return tensor * factor.to(tensor.dtype).view(shape)
+
+
+# ---------------------------------------------------------------------------------- copies
+def copy_index(umap: UnitMap) -> torch.Tensor:
+    """(new,) which copy of its source each grown element is: 0 for the first occurrence of a
+    source (the old element), 1 for the next, ...; fresh elements -1."""
+    src = umap.source
+    out = torch.full_like(src, -1)
+    seen: dict[int, int] = {}
+    for i, s in enumerate(src.tolist()):
+        if s >= 0:
+            out[i] = seen.get(s, 0)
+            seen[s] = out[i].item() + 1
+    return out
+
+
+def integer_factor(umap: UnitMap) -> Optional[int]:
+    """k when every source element is copied exactly k times (old kept), else None."""
+    if (umap.source < 0).any():
+        return None
+    counts = umap.copies()
+    k = int(counts[0]) if counts.numel() else 1
+    return k if bool((counts == k).all()) else None
+
+
+def block_diagonal_mask(out_map: UnitMap, in_map: UnitMap) -> torch.Tensor:
+    """(out.new, in.new) bool: True where output copy c reads input copy c (staged training's
+    [[W, 0], [0, W]]: each copy of the model reads its own copy of the input)."""
+    return copy_index(out_map).unsqueeze(1) == copy_index(in_map).unsqueeze(0)
+
+
+def cancelling_noise(shape, dim: int, umap: UnitMap, std: float,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """N(0, std^2) noise along a fan-in dimension whose sum over the copies of each source is
+    zero (HyperCloning's +eta/-eta at 2x): inputs that are exact copies cancel it."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32) * std
+    groups = umap.source.clamp(min=0)
+    moved = noise.movedim(dim, -1)
+    sums = torch.zeros(*moved.shape[:-1], umap.old, dtype=noise.dtype)
+    sums.index_add_(moved.dim() - 1, groups, moved)
+    counts = umap.copies().clamp(min=1).to(noise.dtype)
+    mean = (sums / counts).index_select(moved.dim() - 1, groups)
+    centred = torch.where((umap.source >= 0), moved - mean, torch.zeros_like(moved))
+    return centred.movedim(-1, dim)
