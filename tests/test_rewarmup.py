@@ -235,13 +235,20 @@ def test_scope_all_rewarms_every_element(corpus_prefix, narrow_model):
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def inject_record(ckpt_dir, record):
+    """Put a growth record under `sparkling` in a checkpoint's common state, as the converter does."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    common[schedule.RECORD_KEY] = record
+    torch.save(common, os.path.join(ckpt_dir, "common.pt"))
+
+
 @pytest.fixture(scope="module")
 def grown_checkpoints(tmp_path_factory, corpus_prefix, narrow_model):
     """{distributed optimizer?: (checkpoint without a record, the same with the growth record)}:
     a grown wide model saved at iteration T_E, the record under `sparkling` in its common state
     (as the converter writes it)."""
-    from megatron.core import dist_checkpointing
-
     out = {}
     for distributed in (False, True):
         root = tmp_path_factory.mktemp(f"grown_do{int(distributed)}")
@@ -250,11 +257,8 @@ def grown_checkpoints(tmp_path_factory, corpus_prefix, narrow_model):
                 trainer, record):
             trainer.save(plain)
         shutil.copytree(plain, grown)
-        ckpt = os.path.join(grown, f"iter_{T_E:07d}")
-        common = dist_checkpointing.load_common_state_dict(ckpt)
-        common[schedule.RECORD_KEY] = record
-        torch.save(common, os.path.join(ckpt, "common.pt"))
-        out[distributed] = plain, grown
+        inject_record(os.path.join(grown, f"iter_{T_E:07d}"), record)
+        out[distributed] = plain, grown, record
     return out
 
 
@@ -265,7 +269,7 @@ def _train(trainer, n):
 @pytest.mark.parametrize("distributed", [False, True])
 def test_resume_inside_the_ramp_continues_it_exactly(tmp_path, corpus_prefix, grown_checkpoints,
                                                      distributed):
-    _, grown = grown_checkpoints[distributed]
+    _, grown, record = grown_checkpoints[distributed]
     flags = tiny_moe_flags(corpus_prefix, **WIDE, **RUN, use_distributed_optimizer=distributed)
     flags += REWARMUP
     n, cut = 8, 2                                   # the ramp spans iterations T_E .. T_E + W
@@ -288,13 +292,25 @@ def test_resume_inside_the_ramp_continues_it_exactly(tmp_path, corpus_prefix, gr
         assert max(abs(a[key] - b[key]) for a, b in zip(reference, pieced)) < 1e-5, key
     assert all(abs(r[schedule.NEW_LR] - new_lr(r["iteration"])) < 1e-12 for r in pieced)
     assert len({r["lm loss"] for r in reference}) == n
+    if distributed:
+        return
+    # grown again at the saved iteration (another record): a fresh re-warmup replaces the saved one
+    again = Grower(GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
+                              "copy", seed=4), GrowthMethod()).record()
+    inject_record(str(tmp_path / "resume" / f"iter_{T_E + cut:07d}"), again)
+    with megatron_run(flags + ["--load", str(tmp_path / "resume")]) as regrown:
+        state = regrown.scheduler.rewarmup.state
+        assert state.growth_step == (T_E + cut) * GBS and state.record["seed"] == 4
+        step = regrown.train_step()
+    eta_e = base_lr(T_E + cut)
+    assert step[schedule.NEW_LR] == pytest.approx(eta_e * (1 + (R - 1) / W), rel=1e-12)
 
 
 def test_without_a_growth_record_training_is_unchanged(corpus_prefix, grown_checkpoints):
     """No record: nothing installed, the same bits as a run with the re-warmup switched off."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    plain, grown = grown_checkpoints[True]
+    plain, grown, _ = grown_checkpoints[True]
     flags = tiny_moe_flags(corpus_prefix, **WIDE, **RUN, use_distributed_optimizer=True)
     runs = {}
     for name, extra in {"off": ["--load", grown, "--sparkling-rewarmup-scope", "none"],
