@@ -31,13 +31,22 @@ class ElementMaskError(ValueError):
 
 
 # ---------------------------------------------------------------------------- global masks
+def _added_layer(plan: GrowthPlan, lay) -> bool:
+    """A per-layer key ("decoder.layers.{i}.") of a layer that growth added: all of it is new."""
+    layers = plan.units.get(Axis.LAYER)
+    return (lay.layer is not None and layers is not None and layers.grown
+            and bool(layers.is_new[lay.layer]))
+
+
+def has_new_elements(plan: GrowthPlan, key: str, swiglu: bool) -> bool:
+    lay = layout_lib.resolve(key, swiglu)
+    return _added_layer(plan, lay) or any(bool(m.is_new.any()) for m in plan.tensor_maps(lay))
+
+
 def global_new_mask(plan: GrowthPlan, key: str, swiglu: bool) -> Optional[torch.Tensor]:
     """True where an element of the global tensor `key` is new; None if none is."""
     lay = layout_lib.resolve(key, swiglu)
-    layers = plan.units.get(Axis.LAYER)
-    if lay.layer is not None and layers is not None and layers.grown and bool(
-            layers.is_new[lay.layer]):
-        # a per-layer key ("decoder.layers.{i}.") of a layer that growth added: all of it is new
+    if _added_layer(plan, lay):
         return torch.ones([m.new for m in plan.tensor_maps(lay)], dtype=torch.bool)
     return plan.new_mask(lay)
 
@@ -78,7 +87,8 @@ def model_param_masks(model_chunks, plan: GrowthPlan, swiglu: bool) -> dict:
                 news[key] = global_new_mask(plan, key, swiglu)
             return news[key]
 
-        shadow = {n: _blank(masked[n]) for n in order if global_mask(masked[n].key) is not None}
+        shadow = {n: _blank(masked[n]) for n in order
+                  if has_new_elements(plan, masked[n].key, swiglu)}
         try:
             local = fill_from_global(shadow, global_mask)
         except ValueError as e:
