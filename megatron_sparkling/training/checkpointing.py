@@ -171,6 +171,20 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler,
     return ckpt_dir
 
 
+def _iteration_to_load(args, load_dir: Optional[str]) -> tuple[int, bool]:
+    iteration, release = read_tracker(load_dir) if load_dir else (-1, False)
+    if args.ckpt_step is not None:
+        iteration = args.ckpt_step
+    return iteration, release
+
+
+def checkpoint_dir_to_load(args, load_dir: Optional[str] = None) -> Optional[str]:
+    """The iter_N/ (or release/) directory --load (and --ckpt-step) point at; None if none."""
+    load_dir = load_dir or args.load
+    iteration, release = _iteration_to_load(args, load_dir)
+    return iteration_dir(load_dir, iteration, release) if iteration >= 0 else None
+
+
 def load_checkpoint(args, model, optimizer, scheduler, load_dir: Optional[str] = None,
                     strict: bool = True) -> tuple[int, float]:
     """Load --load into model, optimizer, scheduler and RNG, as Megatron-LM's load_checkpoint.
@@ -185,9 +199,7 @@ def load_checkpoint(args, model, optimizer, scheduler, load_dir: Optional[str] =
     from megatron_sparkling.training.model import unwrap
 
     load_dir = load_dir or args.load
-    iteration, release = read_tracker(load_dir) if load_dir else (-1, False)
-    if args.ckpt_step is not None:
-        iteration = args.ckpt_step
+    iteration, release = _iteration_to_load(args, load_dir)
     if iteration < 0:
         if args.exit_on_missing_checkpoint:
             raise CheckpointError(f"no {TRACKER} in --load {load_dir}")

@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 
+from megatron_sparkling import schedule
 from megatron_sparkling.training import checkpointing, data, flops
 from megatron_sparkling.training import model as model_lib
 from megatron_sparkling.training.initialize import initialize, shutdown
@@ -87,6 +88,8 @@ class Pretrainer:
                 checkpointing.load_checkpoint(args, self.model, self.optimizer, self.scheduler))
             if args.finetune:
                 args.consumed_train_samples = 0
+            # A grown checkpoint (or one saved during a re-warmup) re-warms new elements' LR.
+            schedule.rewarmup_after_load(self.model, self.optimizer, self.scheduler, args)
         args.iteration = self.iteration
         self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(args, self.tokenizer)
         self._train_iter = None
@@ -101,7 +104,8 @@ class Pretrainer:
 
     @classmethod
     def from_argv(cls, argv=None, extra_args_provider=None):
-        args = initialize(argv, _chain_providers(_add_run_flags, extra_args_provider))
+        args = initialize(argv, _chain_providers(_add_run_flags, schedule.add_rewarmup_args,
+                                                 extra_args_provider))
         return cls(args)
 
     # ------------------------------------------------------------------ steps
@@ -164,6 +168,7 @@ class Pretrainer:
             "flops": self.num_floating_point_operations_so_far,
             "elapsed ms": (time.time() - start) * 1000.0,
         }
+        record.update(schedule.lr_figures(self.scheduler))
         record.update(self._moe_metrics())
         self._record(record)
         return record
@@ -242,6 +247,9 @@ class Pretrainer:
         line += f" consumed samples: {record['consumed samples']:12d} |"
         line += f" elapsed time per iteration (ms): {record['elapsed ms']:.1f} |"
         line += f" learning rate: {record['learning rate']:.6E} |"
+        for key in (schedule.NEW_LR, schedule.OLD_LR):
+            if key in record:
+                line += f" {key}: {record[key]:.6E} |"
         line += f" global batch size: {args.global_batch_size:5d} |"
         line += f" lm loss: {record['lm loss']:.6E} |"
         for key in ("load_balancing_loss", "z_loss"):

@@ -1,0 +1,394 @@
+"""SPARKLING's asymmetric learning-rate re-warmup after growth, around megatron-core's scheduler.
+
+After growth at scheduler step t_e (megatron-core's OptimizerParamScheduler counts samples), OLD
+elements keep the base schedule, untouched. NEW elements (element-wise, inside mixed tensors too,
+from the growth record) follow, per parameter group (decoupled-LR groups keep their own max/min):
+
+    eta_new(t) = eta_e + (R - 1) * eta_e * (t - t_e) / W             for t_e <= t < t_e + W
+    eta_new(t) = the base decay style, from R * eta_e at t_e + W down to min-lr at the base's end
+
+with eta_e the base schedule's LR at t_e, R = --sparkling-rewarmup-peak-ratio (1.3) and W =
+--sparkling-rewarmup-iters (250) iterations. The decay part is megatron-core's own formula (cosine,
+linear, WSD, inverse-square-root, constant) evaluated with the ramp's end as its warmup end.
+Scope "all" (the paper's weaker ablation) gives every element eta_new: the group LR itself is set.
+Scope "new" keeps the group LR on the base schedule and scales what each step changes in new
+elements by eta_new / eta (element_lr.py): exact for AdamW, update and weight-decay term alike.
+
+Persistence: the scheduler becomes a `RewarmupScheduler` whose state_dict (Megatron-LM stores it as
+`opt_param_scheduler` in the checkpoint's common state) carries the re-warmup state under
+`sparkling_rewarmup`: t_e, W, R, scope, the base schedule's parameters and the growth record (the
+mask source). A run resumed inside the ramp continues it exactly. Without growth nothing is
+installed: the scheduler stays megatron-core's and the optimizer has no hooks.
+
+Entry points: `install_rewarmup` (a fresh growth, e.g. from an in-memory growth hook),
+`rewarmup_after_load` (what the pre-training loop calls after loading a checkpoint),
+`add_rewarmup_args` (the flags), `lr_figures` (what to log).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_sparkling import element_lr
+
+RECORD_KEY = "sparkling"             # growth record in a grown checkpoint's common state
+STATE_KEY = "sparkling_rewarmup"     # re-warmup state inside opt_param_scheduler
+SCOPES = ("new", "all", "none")
+NEW_LR = "learning rate (new elements)"
+OLD_LR = "learning rate (old elements)"
+
+
+class RewarmupError(ValueError):
+    """A re-warmup that cannot be installed as asked; the message says what to change."""
+
+
+def add_rewarmup_args(parser):
+    """Megatron-LM-style flags (usable as, or chained into, an extra_args_provider)."""
+    g = parser.add_argument_group("megatron_sparkling learning-rate re-warmup after growth")
+    g.add_argument("--sparkling-rewarmup-iters", type=int, default=250,
+                   help="Iterations over which new elements' LR ramps from the LR at growth to "
+                        "peak-ratio times it (0: jump to the peak).")
+    g.add_argument("--sparkling-rewarmup-peak-ratio", type=float, default=1.3,
+                   help="Peak of new elements' LR as a multiple of the LR at growth.")
+    g.add_argument("--sparkling-rewarmup-scope", default="new", choices=SCOPES,
+                   help="new: only new elements re-warm (SPARKLING); all: every parameter "
+                        "(ablation); none: no re-warmup.")
+    return parser
+
+
+@dataclass(frozen=True)
+class RewarmupConfig:
+    warmup_iters: int = 250
+    peak_ratio: float = 1.3
+    scope: str = "new"
+    samples_per_iteration: int = 1   # the scheduler counts samples: iterations x global batch
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise RewarmupError(f"--sparkling-rewarmup-scope {self.scope!r}: choose one of {SCOPES}")
+        if self.warmup_iters < 0:
+            raise RewarmupError(f"--sparkling-rewarmup-iters {self.warmup_iters}: must be >= 0")
+        if not self.peak_ratio > 0:
+            raise RewarmupError(f"--sparkling-rewarmup-peak-ratio {self.peak_ratio}: must be > 0 "
+                                "(1.3 in the paper; 1.25-1.3 work best)")
+
+    @classmethod
+    def from_args(cls, args) -> "RewarmupConfig":
+        return cls(warmup_iters=getattr(args, "sparkling_rewarmup_iters", 250),
+                   peak_ratio=getattr(args, "sparkling_rewarmup_peak_ratio", 1.3),
+                   scope=getattr(args, "sparkling_rewarmup_scope", "new"),
+                   samples_per_iteration=args.global_batch_size)
+
+
+# ---------------------------------------------------------------------------- LR formulas
+_BASE_FIELDS = ("init_lr", "max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
+                "lr_decay_style", "wsd_decay_steps", "lr_wsd_decay_style")
+
+
+class _NoParamGroups:
+    """Lets an OptimizerParamScheduler be built only to evaluate its LR formula."""
+    param_groups: list = []
+
+
+def _lr_formula(base: dict, **changes):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    p = dict(base, **changes)
+    return OptimizerParamScheduler(
+        _NoParamGroups(), init_lr=p["init_lr"], max_lr=p["max_lr"], min_lr=p["min_lr"],
+        lr_warmup_steps=p["lr_warmup_steps"], lr_decay_steps=p["lr_decay_steps"],
+        lr_decay_style=p["lr_decay_style"], start_wd=0.0, end_wd=0.0, wd_incr_steps=1,
+        wd_incr_style="constant", wsd_decay_steps=p["wsd_decay_steps"],
+        lr_wsd_decay_style=p["lr_wsd_decay_style"])
+
+
+class NewElementSchedule:
+    """eta_new(group, t) for a growth at `growth_step`, from a frozen copy of the base schedule."""
+
+    def __init__(self, base: dict, growth_step: int, warmup_steps: int, peak_ratio: float):
+        self.base = dict(base)
+        self.growth_step, self.warmup_steps, self.peak_ratio = growth_step, warmup_steps, peak_ratio
+        self._base = _lr_formula(base)
+        ramp_end = growth_step + warmup_steps
+        # megatron-core's decay formula, with the ramp's end as the end of its warmup
+        self._decay = (_lr_formula(base, init_lr=0.0, lr_warmup_steps=ramp_end)
+                       if ramp_end < base["lr_decay_steps"] else None)
+
+    def _group_bounds(self, group: dict) -> tuple[float, float]:
+        return group.get("max_lr", self.base["max_lr"]), group.get("min_lr", self.base["min_lr"])
+
+    def lr_at_growth(self, group: dict) -> float:
+        """eta_e: the base schedule's LR of this group at the growth step."""
+        self._base.num_steps = self.growth_step
+        return self._base.get_lr(group)
+
+    def lr(self, group: dict, num_steps: int) -> float:
+        eta_e = self.lr_at_growth(group)
+        peak = self.peak_ratio * eta_e
+        _, min_lr = self._group_bounds(group)
+        progress = num_steps - self.growth_step
+        if progress < self.warmup_steps:
+            return eta_e + (peak - eta_e) * max(progress, 0) / self.warmup_steps
+        if self._decay is None:   # the ramp ends at or after the end of the base decay
+            return peak if self.base["lr_decay_style"] == "constant" else min_lr
+        self._decay.num_steps = num_steps
+        return self._decay.get_lr({"max_lr": peak, "min_lr": min_lr})
+
+
+# ---------------------------------------------------------------------------- state
+@dataclass
+class RewarmupState:
+    """Everything a resumed run needs to continue the re-warmup exactly (plain types and tensors,
+    as the checkpoint's common state allows)."""
+    growth_step: int          # t_e, in scheduler steps (samples)
+    warmup_steps: int         # W, in scheduler steps
+    warmup_iters: int         # W, in iterations
+    samples_per_iteration: int
+    peak_ratio: float         # R
+    scope: str
+    base: dict                # the base schedule's LR parameters at growth
+    record: dict              # the growth record: the mask source
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"version": 1}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "RewarmupState":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+def _same_growth(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("method", "seed", "source", "target"))
+
+
+def _plan_of(record: dict):
+    from megatron_sparkling.plan import GrowthPlan
+    from megatron_sparkling.spec import GrowthSpec, ModelShape
+
+    try:
+        spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
+                          record.get("method", "sparkling"), record.get("seed", 0),
+                          dict(record.get("options", {})))
+        return GrowthPlan.from_state_dict(spec, record["plan"]), spec.source.swiglu
+    except (KeyError, TypeError) as e:
+        raise RewarmupError(f"malformed growth record ({e!r}): expected Grower.record()'s keys "
+                            "method, seed, options, source, target, plan") from None
+
+
+class Rewarmup:
+    """An installed re-warmup: its state, the new-element LR, and (scope new) the step hooks."""
+
+    def __init__(self, state: RewarmupState, scheduler):
+        self.state = state
+        self.scheduler = scheduler
+        self.schedule = NewElementSchedule(state.base, state.growth_step, state.warmup_steps,
+                                           state.peak_ratio)
+        self.hooks = None                        # element_lr.ScaledMaskedSteps (scope "new")
+        self.new_elements = self.elements = 0    # on this rank's main-param shards
+
+    def lr_new(self, group: dict) -> float:
+        """Effective LR of this group's new elements at the scheduler's current step."""
+        return self.schedule.lr(group, self.scheduler.num_steps)
+
+    def ratio(self, group: dict) -> float:
+        lr = group["lr"]
+        return self.lr_new(group) / lr if lr > 0 else 1.0
+
+    def remove(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+
+
+def _optimizer_param_scheduler_class():
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler
+
+
+def _make_rewarmup_scheduler_class():
+    base = _optimizer_param_scheduler_class()
+
+    class RewarmupScheduler(base):
+        """megatron-core's OptimizerParamScheduler with a re-warmup of grown elements: the base
+        schedule is unchanged; the state dict carries the re-warmup (`sparkling_rewarmup`)."""
+
+        rewarmup: Rewarmup
+
+        def step(self, increment: int) -> None:
+            super().step(increment)
+            rewarmup = getattr(self, "rewarmup", None)
+            if rewarmup is not None and rewarmup.state.scope == "all":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = rewarmup.lr_new(group)
+
+        def state_dict(self) -> dict:
+            state = super().state_dict()
+            state[STATE_KEY] = self.rewarmup.state.state_dict()
+            return state
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            saved = state_dict.get(STATE_KEY)
+            if saved is not None and not _same_growth(saved["record"], self.rewarmup.state.record):
+                raise RewarmupError("this scheduler re-warms another growth than the checkpoint's;"
+                                    " load the checkpoint into a fresh run (rewarmup_after_load)")
+            if saved is not None:
+                restored = RewarmupState.from_state_dict(saved)
+                self.rewarmup.state = restored
+                self.rewarmup.schedule = NewElementSchedule(
+                    restored.base, restored.growth_step, restored.warmup_steps,
+                    restored.peak_ratio)
+            super().load_state_dict(state_dict)
+
+    RewarmupScheduler.__qualname__ = "RewarmupScheduler"
+    return RewarmupScheduler
+
+
+_SCHEDULER_CLASS = None
+
+
+def rewarmup_scheduler_class():
+    """The RewarmupScheduler class, built on first use: importing megatron-core takes seconds
+    and must follow the CPU bridge (compat/cpu.py), so this module does not import it at load."""
+    global _SCHEDULER_CLASS
+    if _SCHEDULER_CLASS is None:
+        _SCHEDULER_CLASS = _make_rewarmup_scheduler_class()
+    return _SCHEDULER_CLASS
+
+
+def __getattr__(name):  # `schedule.RewarmupScheduler`, resolved lazily (PEP 562)
+    if name == "RewarmupScheduler":
+        return rewarmup_scheduler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _print_rank_0(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------- install
+def _activate(model, optimizer, scheduler, state: RewarmupState) -> Rewarmup:
+    base_cls = _optimizer_param_scheduler_class()
+    if not isinstance(scheduler, base_cls):
+        raise RewarmupError(f"the re-warmup needs megatron-core's OptimizerParamScheduler, not "
+                            f"{type(scheduler).__name__}")
+    existing = getattr(scheduler, "rewarmup", None)
+    if existing is not None:
+        existing.remove()
+    probe = NewElementSchedule(state.base, state.growth_step, state.warmup_steps, state.peak_ratio)
+    for group in optimizer.param_groups:
+        if probe.lr_at_growth(group) <= 0:
+            raise RewarmupError(
+                f"the learning rate at growth (scheduler step {state.growth_step}) is 0, so new "
+                "elements would never train; load the checkpoint's optimizer and scheduler state "
+                "(no --finetune / --no-load-optim), or pass --sparkling-rewarmup-scope none")
+    rewarmup = Rewarmup(state, scheduler)
+    if state.scope == "new":
+        plan, swiglu = _plan_of(state.record)
+        opt_masks = element_lr.optimizer_masks(
+            optimizer, element_lr.model_param_masks(model, plan, swiglu))
+        rewarmup.new_elements, rewarmup.elements = element_lr.count_masked(opt_masks)
+        rewarmup.hooks = element_lr.ScaledMaskedSteps(opt_masks, rewarmup.ratio)
+    # In place, so that every holder of the scheduler (Megatron-LM's training loop, a load hook's
+    # caller) keeps a valid reference; the subclass only adds behaviour, no fields of its own.
+    scheduler.__class__ = rewarmup_scheduler_class()
+    scheduler.rewarmup = rewarmup
+    scheduler.step(0)  # scope "all": the group LRs become the re-warmed ones now
+    return rewarmup
+
+
+def install_rewarmup(model, optimizer, scheduler, record: dict,
+                     config: RewarmupConfig) -> Optional[Rewarmup]:
+    """Start the re-warmup of a growth that happened now (t_e = the scheduler's current step).
+
+    `model`: the model chunks (DDP-wrapped or not); `optimizer`: megatron-core's optimizer
+    (FP32, Float16, Distributed, Chained); `scheduler`: its OptimizerParamScheduler, upgraded in
+    place to a RewarmupScheduler; `record`: Grower.record() of the growth. Returns None for scope
+    "none". Call after the optimizer and scheduler state are loaded."""
+    if config.scope == "none":
+        return None
+    base = {k: getattr(scheduler, k) for k in _BASE_FIELDS}
+    state = RewarmupState(
+        growth_step=int(scheduler.num_steps),
+        warmup_steps=int(config.warmup_iters * config.samples_per_iteration),
+        warmup_iters=int(config.warmup_iters),
+        samples_per_iteration=int(config.samples_per_iteration),
+        peak_ratio=float(config.peak_ratio),
+        scope=config.scope, base=base, record=record)
+    rewarmup = _activate(model, optimizer, scheduler, state)
+    _announce(rewarmup, "growth at")
+    return rewarmup
+
+
+def restore_rewarmup(model, optimizer, scheduler, saved: dict) -> Rewarmup:
+    """Continue a re-warmup saved in a checkpoint's opt_param_scheduler[STATE_KEY]."""
+    rewarmup = _activate(model, optimizer, scheduler, RewarmupState.from_state_dict(saved))
+    _announce(rewarmup, "resumed; growth at")
+    return rewarmup
+
+
+def _announce(rewarmup: Rewarmup, what: str) -> None:
+    s = rewarmup.state
+    where = (f"scheduler step {s.growth_step} (iteration "
+             f"{s.growth_step // max(s.samples_per_iteration, 1)})")
+    group = _canonical_group(rewarmup.scheduler.optimizer.param_groups)
+    eta_e = rewarmup.schedule.lr_at_growth(group) if group is not None else float("nan")
+    scope = ("all parameters" if s.scope == "all" else
+             f"{rewarmup.new_elements} new of {rewarmup.elements} elements on rank 0")
+    _print_rank_0(f"> SPARKLING re-warmup ({what} {where}): {scope}; LR {eta_e:.4E} -> "
+                  f"{s.peak_ratio * eta_e:.4E} over {s.warmup_iters} iterations, then "
+                  f"{s.base['lr_decay_style']} decay to {s.base['min_lr']:.4E}")
+
+
+def rewarmup_after_load(model, optimizer, scheduler, args) -> Optional[Rewarmup]:
+    """After a checkpoint load: continue the saved re-warmup, or start one for a freshly grown
+    checkpoint (growth record under `sparkling` in its common state), or do nothing."""
+    existing = getattr(scheduler, "rewarmup", None)
+    if existing is not None:         # installed while loading (an in-memory growth hook)
+        return existing
+    if not getattr(args, "load", None) or optimizer is None:
+        return None
+    from megatron.core import dist_checkpointing
+    from megatron_sparkling.training import checkpointing
+
+    ckpt_dir = checkpointing.checkpoint_dir_to_load(args)
+    if ckpt_dir is None:
+        return None
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    record = common.get(RECORD_KEY)
+    stored = common.get("opt_param_scheduler") or {}
+    # the saved re-warmup counts only if the scheduler state was loaded too (not with --finetune,
+    # --no-load-optim, a release checkpoint, ...): then the step counts agree
+    saved = stored.get(STATE_KEY) if stored.get("num_steps") == scheduler.num_steps else None
+    config = RewarmupConfig.from_args(args)
+    if config.scope == "none":
+        if saved is not None or record is not None:
+            _print_rank_0("> SPARKLING re-warmup off (--sparkling-rewarmup-scope none)")
+        return None
+    if saved is not None and (record is None or _same_growth(saved["record"], record)):
+        return restore_rewarmup(model, optimizer, scheduler, saved)
+    if record is not None:
+        return install_rewarmup(model, optimizer, scheduler, record, config)
+    return None
+
+
+# ---------------------------------------------------------------------------- logging
+def _canonical_group(param_groups) -> Optional[dict]:
+    """The group Megatron-LM logs the LR of: the first default-config group."""
+    for group in param_groups:
+        if group.get("default_config", False):
+            return group
+    return param_groups[0] if param_groups else None
+
+
+def lr_figures(scheduler) -> dict:
+    """The effective LR of new and of old elements ({} without a re-warmup)."""
+    rewarmup = getattr(scheduler, "rewarmup", None)
+    group = _canonical_group(scheduler.optimizer.param_groups) if rewarmup is not None else None
+    if group is None:
+        return {}
+    return {NEW_LR: rewarmup.lr_new(group), OLD_LR: group["lr"]}
