@@ -244,3 +244,29 @@ def resolve(key: str, swiglu: bool = True) -> TensorLayout:
 def layer_of_key(key: str) -> Optional[int]:
     m = _LAYER_KEY.match(split_state_key(key)[1])
     return int(m.group(1)) if m and m.group(1) is not None else None
+
+
+def with_layer(key: str, index: int) -> str:
+    """The same tensor of another layer: `decoder.layers.3.x` -> `decoder.layers.{index}.x`
+    (optimizer prefix kept). Only per-layer keys have a layer index to change."""
+    prefix, model_key = split_state_key(key)
+    m = _LAYER_KEY.match(model_key)
+    if not m or m.group(1) is None:
+        raise ValueError(f"{key!r} is not a per-layer key (decoder.layers.<i>.<name>)")
+    return f"{prefix}decoder.layers.{index}.{m.group(2)}"
+
+
+# The growth state kind (methods/base.py STATE_KINDS) of each optimizer-state prefix.
+_STATE_KINDS = {
+    "optimizer.state.fp32_param.": "param",
+    "optimizer.state.param.": "param",
+    "optimizer.state.exp_avg_sq.": "exp_avg_sq",
+    "optimizer.state.exp_avg.": "exp_avg",
+    "optimizer.state.momentum_buffer.": "momentum",
+}
+
+
+def state_kind(key: str) -> str:
+    """'param' for model keys and fp32 main params, else the optimizer moment's kind."""
+    prefix = split_state_key(key)[0]
+    return _STATE_KINDS.get(_CHAINED.sub("", prefix), "param")

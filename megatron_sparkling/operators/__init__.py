@@ -1,0 +1,1 @@
+"""Pure tensor operators: full (global) tensors in, full tensors out; no I/O, no torch.distributed."""
