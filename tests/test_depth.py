@@ -73,10 +73,10 @@ def _logits(trainer, model):
     return out
 
 
-def _grown_args(args, spec_source, method, layers, insert_at=None):
+def _grown_args(args, spec_source, method, layers, insert_at=None, new_state="reset"):
     new = copy.copy(args)
     new.num_layers = layers
-    opts = DepthOptions(method, insert_at=insert_at)
+    opts = DepthOptions(method, insert_at=insert_at, new_state=new_state)
     if isinstance(args.moe_layer_freq, list):
         probe = GrowthSpec(spec_source, spec_source.replace(num_layers=layers), depth=opts)
         new.moe_layer_freq = depth.grown_moe_pattern(spec_source, depth.plan_layer_map(probe))
@@ -103,13 +103,16 @@ def test_every_depth_method_grows_a_trained_moe_model(corpus_prefix, stack_kind)
         assert any(layout.layer_of_key(k) is not None for k in keys) == (stack_kind == "per_layer")
         before, logits_before = t.evaluate(), _logits(t, t.model)
         changes = {}
-        for method, insert_at in [("identity", None), ("identity", 1), ("stack", None),
-                                  ("alternate", None), ("interpolate", None), ("random", None)]:
-            new, spec = _grown_args(t.args, src, method, 4, insert_at)
+        for method, insert_at, state in [
+                ("identity", None, "reset"), ("identity", 1, "reset"), ("stack", None, "reset"),
+                ("stack", None, "copy"), ("alternate", None, "reset"),
+                ("interpolate", None, "reset"), ("random", None, "reset")]:
+            new, spec = _grown_args(t.args, src, method, 4, insert_at, state)
             grow = depth.LayerGrowth.from_spec(spec, depth.FreshInit.from_args(new))
             model, optimizer = growth.build_grown(new, sources, step, grow)
             after = t.evaluate(model=model)
-            changes[(method, insert_at)] = after - before
+            if state == "reset":
+                changes[(method, insert_at)] = after - before
             if method == "identity":
                 diff = (_logits(t, model) - logits_before).abs().max().item()
                 assert diff < 1e-5, (method, insert_at, diff)
@@ -127,8 +130,8 @@ def test_every_depth_method_grows_a_trained_moe_model(corpus_prefix, stack_kind)
 
 
 def _check_state_grown(sources, grown, spec):
-    """Old layers keep weights and Adam moments; copied layers copy weights, start at zero
-    moments (reset), exactly as the layer map says."""
+    """Old layers keep weights and Adam moments; new layers copy their twin's weights and start
+    at zero moments (reset) or the twin's (copy), exactly as the layer map says."""
     lmap = depth.plan_layer_map(spec)
     checked = 0
     for key, value in grown.items():
@@ -138,12 +141,14 @@ def _check_state_grown(sources, grown, spec):
         if lay.stacked:
             src = sources[key]
             for i, (s, new) in enumerate(zip(lmap.source.tolist(), lmap.is_new.tolist())):
-                want = torch.zeros_like(src[s]) if (new and kind != "param") else src[s]
+                reset = new and kind != "param" and spec.depth.new_state == "reset"
+                want = torch.zeros_like(src[s]) if reset else src[s]
                 torch.testing.assert_close(value[i], want, rtol=0, atol=0)
                 checked += 1
         elif lay.layer is not None:
-            new = bool(lmap.is_new[lay.layer])
-            want = sources[skey] if not (new and kind != "param") else torch.zeros_like(value)
+            reset = bool(lmap.is_new[lay.layer]) and kind != "param" and (
+                spec.depth.new_state == "reset")
+            want = torch.zeros_like(value) if reset else sources[skey]
             torch.testing.assert_close(value, want, rtol=0, atol=0)
             checked += 1
     assert checked > 20
@@ -172,3 +177,66 @@ def test_fresh_layers_are_drawn_as_megatron_core_initialises_them(corpus_prefix)
         k = "decoder.layers.self_attention.linear_proj.weight"
         assert torch.equal(fresh(k, layout.resolve(k), (2, 64, 64)),
                            fresh("optimizer.state.param." + k, layout.resolve(k), (2, 64, 64)))
+
+
+def _copy_along_plan(plan, key, tensor, swiglu):
+    """Net2Net copy along every element map of the plan (layer axis included): copy each
+    element from its source, divide fan-in columns by the copy count (as tests/test_plan.py)."""
+    lay = layout.resolve(key, swiglu)
+    for d, (dim, m) in enumerate(zip(lay.dims, plan.tensor_maps(lay))):
+        tensor = tensor.index_select(d, m.source.clamp(min=0))
+        if dim.role is layout.Role.IN:
+            counts = m.copies().float()[m.source.clamp(min=0)]
+            shape = [1] * tensor.dim()
+            shape[d] = m.new
+            tensor = tensor / counts.view(shape)
+    return tensor
+
+
+@pytest.mark.parametrize("stack_kind", ["stacked", "per_layer"])
+def test_width_and_depth_compose_in_one_plan(corpus_prefix, stack_kind):
+    """Hidden 2x, expert FFN 2x and 2 -> 4 identity layers in ONE GrowthPlan: copying along the
+    plan's element maps (width) then `finish_new_layers` (depth) keeps the logits; with random
+    layers the fresh-layer hook fills them."""
+    base = dict(train_iters=6, lr_warmup_iters=1, moe_shared_expert_intermediate_size=64)
+    if stack_kind == "per_layer":
+        base.update(moe_layer_freq="[1,0]", ffn_hidden_size=96)
+    with megatron_run(tiny_moe_flags(corpus_prefix, **base)) as t:
+        t.train()
+        tensors = model_global_tensors(t.model)
+        source, before = ModelShape.from_args(t.args), _logits(t, t.model)
+        for method in ("identity", "random"):
+            wide = copy.copy(t.args)
+            wide.hidden_size, wide.kv_channels, wide.num_layers = 128, 16, 4
+            wide.moe_ffn_hidden_size, wide.ffn_hidden_size = 256, 2 * t.args.ffn_hidden_size
+            wide.moe_shared_expert_intermediate_size = 128
+            opts = DepthOptions(method)
+            if stack_kind == "per_layer":
+                wide.moe_layer_freq = depth.grown_moe_pattern(source, depth.plan_layer_map(
+                    GrowthSpec(source, source.replace(num_layers=4), depth=opts)))
+            spec = GrowthSpec(source, ModelShape.from_args(wide), "copy", seed=5, depth=opts)
+            validate(spec)
+            plan = GrowthPlan.twins(spec)
+            lmap = plan.units[layout.Axis.LAYER]
+            fresh = depth.FreshInit.from_args(wide)
+            model = model_lib.build_model(wide)
+            targets = model_global_tensors(model)
+            grown = {}
+            for key, like in targets.items():
+                skey = depth.source_key(key, lmap)
+                if skey is None:                         # a fresh per-layer tensor
+                    value = torch.zeros_like(like)
+                else:
+                    value = _copy_along_plan(plan, skey, tensors[skey], source.swiglu)
+                grown[key] = depth.finish_new_layers(key, value, "param", lmap, opts, fresh)
+                assert grown[key].shape == like.shape, key
+            from megatron_sparkling.checkpoint.memory import load_model_global_tensors
+
+            load_model_global_tensors(model, grown)
+            after = _logits(t, model)
+            diff = (after - before).abs().max().item()
+            print(f"\n[{stack_kind}] width 2x + depth 2 -> 4 ({method}): max logit change {diff:.2e}")
+            if method == "identity":
+                assert diff < 1e-4, diff
+            else:
+                assert math.isfinite(diff) and diff > 1e-4

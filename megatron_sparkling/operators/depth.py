@@ -235,7 +235,7 @@ def source_key(target_key: str, lmap: UnitMap) -> Optional[str]:
     return None if src < 0 else layout_lib.with_layer(target_key, src)
 
 
-def _new_rows(lay: layout_lib.TensorLayout, lmap: UnitMap, target_key: str):
+def _new_rows(lay: layout_lib.TensorLayout, lmap: UnitMap):
     """(new, fresh) bool vectors over the layer axis of a stacked tensor, or scalars for one
     per-layer tensor; None for a tensor outside the layers."""
     if lay.stacked:
@@ -253,7 +253,7 @@ def finish_new_layers(target_key: str, tensor: torch.Tensor, kind: str,
     layers' residual projections zeroed, new layers' optimizer state reset unless copied.
     Old layers are untouched. This is the hook width methods call after their copy."""
     lay = layout_lib.resolve(layout_lib.split_state_key(target_key)[1], swiglu)
-    rows = _new_rows(lay, lmap, target_key)
+    rows = _new_rows(lay, lmap)
     if rows is None or not bool(rows[0].any()):
         return tensor
     new, is_fresh = rows

@@ -49,6 +49,13 @@ def _require(ok: bool, message: str) -> None:
         raise ArgumentError(message)
 
 
+def _note(message: str) -> None:
+    import torch
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f" > note: {message}", flush=True)
+
+
 def _small_args(args, start: int):
     small = copy.copy(args)
     small.num_layers = start
@@ -61,8 +68,8 @@ def _growth_spec(small, full, new_layers: str, new_state: str):
     from megatron_sparkling.spec import DepthOptions, GrowthSpec, ModelShape
 
     method = "stack" if new_layers == "copy" else "random"
-    return GrowthSpec(ModelShape.from_args(small), ModelShape.from_args(full), "depth",
-                      seed=full.seed, depth=DepthOptions(method=method, new_state=new_state))
+    return GrowthSpec(ModelShape.from_args(small), ModelShape.from_args(full), seed=full.seed,
+                      depth=DepthOptions(method=method, new_state=new_state))
 
 
 class ProgressiveDepth:
@@ -99,6 +106,13 @@ class ProgressiveDepth:
         _require(self.grow_at > warmup,
                  f"growth at iteration {self.grow_at} falls inside the LR warm-up ({warmup:g} "
                  "iterations); grow later (--sparkling-progressive-grow-at)")
+        if args.lr_decay_style != "WSD":
+            _note("progressive depth is designed for a WSD schedule (--lr-decay-style WSD "
+                  "--lr-wsd-decay-iters ~0.1 x --train-iters); growth keeps whatever LR the "
+                  f"{args.lr_decay_style} schedule has at iteration {self.grow_at}")
+        elif self.grow_at > args.train_iters - args.lr_wsd_decay_iters:
+            _note(f"growth at iteration {self.grow_at} falls in the WSD decay phase (the last "
+                  f"{args.lr_wsd_decay_iters} iterations); Bu et al. grow in the stable phase")
         try:
             validate(_growth_spec(_small_args(args, self.start), args, self.new_layers,
                                   self.new_state))
