@@ -76,3 +76,13 @@ def test_progressive_resume_after_growth_starts_at_full_depth(corpus_prefix, tmp
         assert t.evaluate() == pytest.approx(before, abs=1e-6)
         t.train()
         assert torch.isfinite(torch.tensor(t.history[-1]["lm loss"]))
+
+
+def test_saving_at_equal_loss_reads_run_histories():
+    base = [{"iteration": i, "flops": 10.0 * i, "validation lm loss": 5.0 - i} for i in range(1, 5)]
+    run = [{"iteration": 1, "flops": 3.0, "lm loss": 9.0},
+           {"iteration": 2, "flops": 12.0, "validation lm loss": 2.5}]
+    out = progressive.saving_at_equal_loss(run, base)
+    # the baseline reaches 2.5 halfway between 20 FLOPs (loss 3) and 30 FLOPs (loss 2)
+    assert out["baseline_flops"] == pytest.approx(25.0) and out["saving"] == pytest.approx(0.52)
+    assert progressive.flops_to_reach(base, 0.5) == float("inf")

@@ -178,3 +178,28 @@ def planned_compute(args, start_layers: int, full_layers: int, grow_at: float) -
     fixed = T * per_full
     return {"progressive": float(progressive), "fixed": float(fixed),
             "saving": 1.0 - progressive / fixed, "grow_iteration": tau}
+
+
+def flops_to_reach(history, loss: float, key: str = "validation lm loss") -> float:
+    """FLOPs a run's history needed to first reach `loss` (linear between logged points);
+    inf if it never did."""
+    points = [(r["flops"], r[key]) for r in history if key in r and "flops" in r]
+    prev = None
+    for flops_now, value in points:
+        if value <= loss:
+            if prev is None or prev[1] == value:
+                return float(flops_now)
+            f0, v0 = prev
+            return float(f0 + (flops_now - f0) * (v0 - loss) / (v0 - value))
+        prev = (flops_now, value)
+    return float("inf")
+
+
+def saving_at_equal_loss(history, baseline_history, key: str = "validation lm loss") -> dict:
+    """Compute saved by a run against a baseline at the run's final loss: 1 - C_run / C_base,
+    C_base = the baseline's FLOPs to first reach that loss (a benchmark compares a progressive
+    run with the fixed-depth run this way). Negative when the baseline got there cheaper."""
+    final = [r for r in history if key in r][-1]
+    base = flops_to_reach(baseline_history, final[key], key)
+    return {"loss": final[key], "flops": float(final["flops"]), "baseline_flops": base,
+            "saving": 1.0 - final["flops"] / base if base != float("inf") else float("inf")}
