@@ -15,9 +15,9 @@ from megatron_sparkling.training import model as model_lib
 STEPS = np.arange(100, 20001, 100)
 
 
-def _curve(law, n, noise=0.0, seed=0):
-    losses = law.loss(n, STEPS) + np.random.default_rng(seed).normal(0, noise, len(STEPS))
-    return Curve(n, STEPS.tolist(), losses.tolist())
+def _curve(law, n, noise=0.0, seed=0, steps=STEPS):
+    losses = law.loss(n, steps) + np.random.default_rng(seed).normal(0, noise, len(steps))
+    return Curve(n, steps.tolist(), losses.tolist())
 
 
 def _rel(a, b):
@@ -33,11 +33,15 @@ def test_fit_recovers_the_law_from_synthetic_curves():
     two = stage_timing.fit([_curve(other, 1e7), _curve(other, 4e7)])    # two sizes: a_N fitted
     for name in ("n_c", "s_c", "a_n", "a_s"):
         assert _rel(getattr(two.law, name), getattr(other, name)) < 1e-3, name
-    noisy = stage_timing.fit([_curve(truth, 1e7, noise=0.003, seed=1)])
-    errors = {k: _rel(getattr(noisy.law, k), getattr(truth, k)) for k in ("a_s", "s_c", "n_c")}
-    print(f"\nfit with loss noise 0.003 (one curve, a_N fixed): relative errors "
-          + ", ".join(f"{k} {v:.2%}" for k, v in errors.items()) + f"; rmse {noisy.rmse:.4f}")
-    assert errors["a_s"] < 0.05 and errors["s_c"] < 0.15 and errors["n_c"] < 0.5
+    # late curve only (steps 2000..20000: the S term falls 1.8 -> 0.3 nats) with loss noise 0.02
+    for seed in range(3):
+        noisy = stage_timing.fit([_curve(truth, 1e7, noise=0.02, seed=seed,
+                                         steps=np.arange(2000, 20001, 100))])
+        errors = {k: _rel(getattr(noisy.law, k), getattr(truth, k)) for k in ("a_s", "s_c", "n_c")}
+        print(f"\nfit, loss noise 0.02, steps 2000-20000, seed {seed} (one curve, a_N fixed): "
+              "relative errors " + ", ".join(f"{k} {v:.2%}" for k, v in errors.items())
+              + f"; rmse {noisy.rmse:.4f}")
+        assert errors["a_s"] < 0.05 and errors["s_c"] < 0.1 and errors["n_c"] < 0.15
     with pytest.raises(stage_timing.StageTimingError, match="does not flatten"):
         stage_timing.fit([Curve(1e7, [1, 2, 3, 4, 5], [1.0, 1.1, 1.2, 1.3, 1.4])])
 

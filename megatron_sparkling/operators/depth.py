@@ -85,6 +85,8 @@ def interpolate_map(old: int, new: int) -> UnitMap:
 def layer_map(placement: str, old: int, new: int, insert_at: Optional[int] = None,
               fresh: bool = False) -> UnitMap:
     """The layer UnitMap of a placement; `fresh` makes every new layer fresh (source -1)."""
+    if old == 0:
+        return stack_map(0, new)     # nothing to place around: every layer is fresh
     if placement == "stack":
         m = stack_map(old, new, insert_at)
     elif placement == "alternate":

@@ -161,6 +161,9 @@ class LVPSTraining:
         _require(args.pipeline_model_parallel_size == 1,
                  "LVPS runs a sampled depth per step at pipeline-parallel size 1; drop "
                  "--pipeline-model-parallel-size")
+        _require(len(self.stages) == 1 or args.world_size == 1,
+                 "LVPS stages grow in process on one rank for now; launch 1 process, or give "
+                 "one --sparkling-lvps-unique-layers value")
         _require(args.recompute_granularity != "full",
                  "LVPS does not support --recompute-granularity full")
         _require(getattr(args, "sparkling_progressive_start_layers", None) is None,

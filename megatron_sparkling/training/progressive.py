@@ -98,9 +98,9 @@ class ProgressiveDepth:
                  "fraction in (0, 1)")
         _require(self.start > 0 or self.new_layers == "random",
                  f"{flag} 0 leaves no layer to copy; use --sparkling-progressive-new-layers random")
-        _require(args.pipeline_model_parallel_size == 1,
-                 "progressive depth grows in process at pipeline-parallel size 1; drop "
-                 "--pipeline-model-parallel-size")
+        _require(args.world_size == 1,
+                 "progressive depth grows in process on one rank for now (global tensors are "
+                 "gathered in one process); launch 1 process, or grow a checkpoint offline")
         warmup = (args.lr_warmup_fraction * args.lr_decay_iters
                   if args.lr_warmup_fraction is not None else args.lr_warmup_iters)
         _require(self.grow_at > warmup,
