@@ -221,6 +221,10 @@ def test_width_and_depth_compose_in_one_plan(corpus_prefix, stack_kind):
             fresh = depth.FreshInit.from_args(wide)
             model = model_lib.build_model(wide)
             targets = model_global_tensors(model)
+            # the keys a streaming converter derives without the target model are the model's
+            derived = depth.target_keys(tensors, lmap, source, ModelShape.from_args(wide))
+            assert set(derived) == set(targets)
+            assert all(derived[k] == depth.source_key(k, lmap) for k in derived)
             grown = {}
             for key, like in targets.items():
                 skey = depth.source_key(key, lmap)

@@ -237,6 +237,33 @@ def source_key(target_key: str, lmap: UnitMap) -> Optional[str]:
     return None if src < 0 else layout_lib.with_layer(target_key, src)
 
 
+def target_keys(source_keys, lmap: UnitMap, source: ModelShape, target: ModelShape) -> dict:
+    """{target key: source key it grows from, or None for a fresh per-layer tensor} for a
+    converter that streams without building the target model. A fresh per-layer layer takes its
+    key names from a source layer of the same type (dense or MoE); optimizer prefixes are kept.
+    A zero-layer source has no layer keys to derive from: list the target model's keys."""
+    out, by_layer = {}, {}
+    for key in source_keys:
+        layer = layout_lib.layer_of_key(key)
+        if layer is None:
+            out[key] = key
+        else:
+            by_layer.setdefault(layer, []).append(key)
+    for i, s in enumerate(lmap.source.tolist()):
+        if s >= 0:
+            out.update({layout_lib.with_layer(k, i): k for k in by_layer.get(s, [])})
+            continue
+        like = [j for j in by_layer if source.is_moe_layer(j) == target.is_moe_layer(i)]
+        if by_layer and not like:
+            kind = "MoE" if target.is_moe_layer(i) else "dense"
+            raise GrowthSpecError(f"fresh layer {i} is {kind} but the source has no {kind} layer "
+                                  "to take tensor names from; build the target model to list "
+                                  "its keys")
+        if like:
+            out.update({layout_lib.with_layer(k, i): None for k in by_layer[like[0]]})
+    return out
+
+
 def _new_rows(lay: layout_lib.TensorLayout, lmap: UnitMap):
     """(new, fresh) bool vectors over the layer axis of a stacked tensor, or scalars for one
     per-layer tensor; None for a tensor outside the layers."""
