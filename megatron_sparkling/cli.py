@@ -61,10 +61,87 @@ def _verify(argv):
     return 0
 
 
+def _plan(argv):
+    import json
+
+    from megatron_sparkling import loss_log, stage_timing
+
+    p = argparse.ArgumentParser(
+        prog="megatron-sparkling plan",
+        description="Fit staged training's scaling law L(N, S) = (N_c/N)^a_N + (2 S_c/S)^a_S to "
+                    "the loss curve so far and say when to grow to the target size.")
+    p.add_argument("--log", required=True, help="--log-metrics-path JSON lines or a Megatron-LM "
+                   "log with 'iteration N/ M | ... | lm loss: X |' lines")
+    p.add_argument("--params", type=float, required=True,
+                   help="non-embedding parameters of the model being trained")
+    p.add_argument("--target-params", type=float, required=True,
+                   help="non-embedding parameters after growth")
+    p.add_argument("--tokens-per-iteration", type=float, required=True,
+                   help="global batch size x sequence length")
+    p.add_argument("--budget-flops", type=float, required=True,
+                   help="training compute budget (FLOPs) of the whole run")
+    p.add_argument("--curve", action="append", default=[], metavar="PATH:PARAMS",
+                   help="a loss curve of another model size (same batch), to fit a_N too")
+    p.add_argument("--a-n", type=float, default=None,
+                   help=f"fix a_N (default: fitted with --curve, else {stage_timing.PUBLISHED.a_n})")
+    p.add_argument("--skip-fraction", type=float, default=0.1,
+                   help="leave out this early fraction of each curve (warm-up; default 0.1)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    a = p.parse_args(argv)
+    try:
+        curves = [_curve(a.log, a.params, a.skip_fraction)]
+        for item in a.curve:
+            path, _, params = item.rpartition(":")
+            if not path:
+                p.error(f"--curve {item}: expected PATH:PARAMS")
+            curves.append(_curve(path, float(params), a.skip_fraction))
+        fitted = stage_timing.fit(curves, a_n=a.a_n)
+        advice = stage_timing.growth_point(
+            fitted.law, a.params, a.target_params, a.budget_flops,
+            6 * a.params * a.tokens_per_iteration, 6 * a.target_params * a.tokens_per_iteration)
+    except (stage_timing.StageTimingError, loss_log.LossLogError) as e:
+        print(f"megatron-sparkling plan: {e}", file=sys.stderr)
+        return 2
+    now = int(curves[0].steps[-1])
+    if a.json:
+        import dataclasses
+
+        print(json.dumps({"law": dataclasses.asdict(fitted.law), "rmse": fitted.rmse,
+                          "iteration": now, **dataclasses.asdict(advice)}))
+        return 0
+    law = fitted.law
+    print(f"fit: N_c {law.n_c:.4g}, S_c {law.s_c:.4g}, a_N {law.a_n:.4g}, a_S {law.a_s:.4g} "
+          f"(rmse {fitted.rmse:.4f} over {sum(len(c.steps) for c in curves)} points)")
+    when = ("now" if advice.grow_step <= now else
+            f"in {advice.grow_step - now:.0f} iterations")
+    print(f"grow {a.params:.4g} -> {a.target_params:.4g} parameters at iteration "
+          f"{advice.grow_step:.0f} ({when}; iteration {now} so far), loss {advice.grow_loss:.4f}; "
+          f"the grown model continues as if at its step {advice.effective_step:.0f}")
+    if advice.worth_growing:
+        print(f"budget {a.budget_flops:.4g} FLOPs: from scratch the grown model reaches "
+              f"{advice.final_loss:.4f} in {advice.budget_steps:.0f} steps; growing reaches it "
+              f"with {advice.staged_flops:.4g} FLOPs: {advice.saving:.1%} compute saved")
+    else:
+        print(f"budget {a.budget_flops:.4g} FLOPs: too small to gain from growing at that point "
+              f"(the grown model would need step {advice.effective_step:.0f}, the budget buys "
+              f"{advice.budget_steps:.0f}); train the small model, or grow with a larger budget")
+    return 0
+
+
+def _curve(path, params, skip_fraction):
+    from megatron_sparkling import loss_log, stage_timing
+
+    steps, losses, _ = loss_log.read_loss_curve(path)
+    first = steps[0] + skip_fraction * (steps[-1] - steps[0])
+    kept = [(s, l) for s, l in zip(steps, losses) if s >= first]
+    return stage_timing.Curve(params, [s for s, _ in kept], [l for _, l in kept])
+
+
 COMMANDS = {
     "pretrain": (_pretrain, "pre-train with Megatron-LM's flags (same as examples/pretrain_moe.py)"),
     "verify": (_verify, "compare a checkpoint before and after growth (RMS per layer, r of every "
                         "linear, loss and logit change, twin symmetry)"),
+    "plan": (_plan, "fit the scaling law to a loss log and say when to grow (staged training)"),
 }
 
 

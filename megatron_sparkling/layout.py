@@ -250,6 +250,16 @@ def layer_of_key(key: str) -> Optional[int]:
     return int(m.group(1)) if m and m.group(1) is not None else None
 
 
+def with_layer(key: str, index: int) -> str:
+    """The same tensor of another layer: `decoder.layers.3.x` -> `decoder.layers.{index}.x`
+    (optimizer prefix kept). Only per-layer keys have a layer index to change."""
+    prefix, model_key = split_state_key(key)
+    m = _LAYER_KEY.match(model_key)
+    if not m or m.group(1) is None:
+        raise ValueError(f"{key!r} is not a per-layer key (decoder.layers.<i>.<name>)")
+    return f"{prefix}decoder.layers.{index}.{m.group(2)}"
+
+
 # State kinds of optimizer prefixes (the growth methods' `kind` argument).
 _STATE_KINDS = {
     "optimizer.state.fp32_param.": "param",

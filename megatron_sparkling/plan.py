@@ -101,8 +101,11 @@ class GrowthPlan:
     @classmethod
     def twins(cls, spec: GrowthSpec, generator: Optional[torch.Generator] = None,
               fresh_axes=()) -> "GrowthPlan":
-        """The default plan: every grown axis appends units that copy balanced random twins
-        (fresh, -1, for axes listed in `fresh_axes`)."""
+        """The default plan: every grown width axis appends units that copy balanced random
+        twins (fresh, -1, for axes listed in `fresh_axes`); the layer axis follows the spec's
+        depth options (operators/depth.py: stack on top by default)."""
+        from megatron_sparkling.operators import depth
+
         g = generator or torch.Generator().manual_seed(spec.seed)
         src, tgt = spec.source, spec.target
         units = {}
@@ -110,6 +113,8 @@ class GrowthPlan:
             a, b = src.axis_size(axis), tgt.axis_size(axis)
             if a is None or b is None or a == b:
                 units[axis] = UnitMap.identity(a or 0)
+            elif axis is Axis.LAYER:
+                units[axis] = depth.plan_layer_map(spec, fresh=axis in fresh_axes)
             else:
                 twins = None if axis in fresh_axes else balanced_twins(a, b - a, g)
                 units[axis] = UnitMap.append(a, b, twins)

@@ -138,6 +138,28 @@ class ParallelLayout:
         return self.expert_tensor or self.tensor
 
 
+DEPTH_METHODS = ("stack", "alternate", "interpolate", "identity", "random")
+DEPTH_PLACEMENTS = ("stack", "alternate", "interpolate")
+NEW_LAYER_STATES = ("reset", "copy")
+
+
+@dataclass(frozen=True)
+class DepthOptions:
+    """How the layer axis grows (see operators/depth.py).
+
+    method: stack | alternate | interpolate (new layers copy their twin), identity (copies whose
+        residual output projections are zero: an exact identity), random (fresh layers).
+    insert_at: where `stack` (and identity/random placed like it) inserts the new block
+        (default: on top, after the last layer).
+    placement: the layer order of identity/random layers (default stack).
+    new_state: optimizer state of new layers: reset to zero (default) or copied from the twin.
+    """
+    method: str = "stack"
+    insert_at: Optional[int] = None
+    placement: Optional[str] = None
+    new_state: str = "reset"
+
+
 @dataclass(frozen=True)
 class GrowthSpec:
     source: ModelShape
@@ -145,6 +167,7 @@ class GrowthSpec:
     method: str = "sparkling"
     seed: int = 1234
     options: dict = field(default_factory=dict)
+    depth: DepthOptions = field(default_factory=DepthOptions)
 
     def grown_axes(self) -> list[Axis]:
         """Axes whose stored size changes."""
@@ -176,6 +199,10 @@ def validate(spec: GrowthSpec, parallel: Optional[ParallelLayout] = None) -> Non
     if tgt.num_layers < src.num_layers:
         raise GrowthSpecError(f"number of layers: target {tgt.num_layers} is smaller than the "
                               f"source's {src.num_layers}; choose {src.num_layers} or more")
+    if tgt.num_layers != src.num_layers:
+        from megatron_sparkling.operators import depth
+
+        depth.validate(spec)
     if tgt.kv_channels != src.kv_channels:
         raise GrowthSpecError(f"head dim (--kv-channels): must stay {src.kv_channels} "
                               f"(growth keeps head dim; got {tgt.kv_channels})")

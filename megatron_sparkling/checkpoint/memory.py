@@ -41,6 +41,16 @@ def gather_global(sharded_state_dict) -> tuple[dict, dict]:
     return tensors, objects
 
 
+def global_shapes(sharded_state_dict) -> dict:
+    """{key: global shape} of every ShardedTensor (factories built), without touching data."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sharded, _, _ = _preprocess(sharded_state_dict)
+    return {item.key: tuple(item.global_shape) for item in nested_values(sharded)
+            if isinstance(item, ShardedTensor)}
+
+
 def fill_from_global(sharded_state_dict, tensor_of: Callable[[str], torch.Tensor],
                      object_of: Optional[Callable[[str], object]] = None):
     """A state dict to `load_state_dict` with, each shard taken from `tensor_of(key)`.
@@ -49,7 +59,7 @@ def fill_from_global(sharded_state_dict, tensor_of: Callable[[str], torch.Tensor
     or read one global tensor at a time. `object_of(unique_key)` supplies ShardedObjects; by
     default they keep the values already in the sharded state dict.
     """
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
     from megatron.core.dist_checkpointing.mapping import (
         ShardedObject,
         ShardedTensor,
@@ -79,16 +89,10 @@ def fill_from_global(sharded_state_dict, tensor_of: Callable[[str], torch.Tensor
 
     dict_list_map_inplace(fetch, sharded)
     cache.clear()
-    _merge(sharded, nonpersistent)
+    # Lists merge element-wise: an optimizer's param groups keep their hyper-parameters and get
+    # their non-persistent `params` back.
+    merge(sharded, nonpersistent)
     return apply_factory_merges(sharded, factories)
-
-
-def _merge(into: dict, extra: dict) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
 
 
 def model_global_tensors(model_chunks) -> dict:

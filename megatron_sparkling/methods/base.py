@@ -137,5 +137,6 @@ class Grower:
             "options": dict(self.spec.options),
             "source": dataclasses.asdict(self.spec.source),
             "target": dataclasses.asdict(self.spec.target),
+            "depth": dataclasses.asdict(self.spec.depth),
             "plan": self.plan.state_dict(),
         }

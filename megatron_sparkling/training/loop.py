@@ -23,11 +23,25 @@ from megatron_sparkling.training import model as model_lib
 from megatron_sparkling.training.initialize import initialize, shutdown
 
 
+def _training_modes():
+    """Modules that add a training mode: each has add_flags(parser) and hook(args) -> a hook
+    or None (see `Pretrainer` for what a hook may do)."""
+    from megatron_sparkling.training import lvps, progressive
+
+    return (progressive, lvps)
+
+
 def _add_run_flags(parser):
     g = parser.add_argument_group("megatron_sparkling run")
     g.add_argument("--log-metrics-path", default=None,
                    help="Append every training and validation figure as a JSON line here.")
+    for mode in _training_modes():
+        mode.add_flags(parser)
     return parser
+
+
+def _hooks_from_args(args) -> list:
+    return [h for h in (mode.hook(args) for mode in _training_modes()) if h is not None]
 
 
 def _chain_providers(*providers):
@@ -67,9 +81,19 @@ def print_rank_0(message: str) -> None:
 
 
 class Pretrainer:
-    """One pre-training run. Build with `Pretrainer.from_argv([...])` or from parsed args."""
+    """One pre-training run. Build with `Pretrainer.from_argv([...])` or from parsed args.
 
-    def __init__(self, args):
+    `hooks` change how a run trains (progressive depth, LVPS): each may define
+    `configure(args)` (before the model is built; may change args), `attach(trainer)` (after the
+    model is built or grown) and `before_step(trainer)` (before every training iteration; may call
+    `grow_model`).
+    """
+
+    def __init__(self, args, hooks=()):
+        self.hooks = list(hooks)
+        for hook in self.hooks:
+            if hasattr(hook, "configure"):
+                hook.configure(args)
         self.args = args
         self.tokenizer = data.build_tokenizer(args)
         args.padded_vocab_size = model_lib.padded_vocab_size(self.tokenizer.vocab_size, args)
@@ -101,12 +125,36 @@ class Pretrainer:
         self.config.grad_scale_func = self.optimizer.scale_loss
         if args.log_metrics_path and torch.distributed.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(args.log_metrics_path)), exist_ok=True)
+        self._attach_hooks()
 
     @classmethod
     def from_argv(cls, argv=None, extra_args_provider=None):
         args = initialize(argv, _chain_providers(_add_run_flags, schedule.add_rewarmup_args,
                                                  extra_args_provider))
-        return cls(args)
+        return cls(args, _hooks_from_args(args))
+
+    def _attach_hooks(self):
+        for hook in self.hooks:
+            if hasattr(hook, "attach"):
+                hook.attach(self)
+
+    def grow_model(self, new_args, make_tensor) -> None:
+        """Continue this run with a model built from `new_args` (e.g. more layers): every weight
+        and optimizer-state tensor made by `make_tensor(key, shape, old global tensors)` (see
+        training/growth.py); iteration, data position, optimizer step and LR schedule go on."""
+        from megatron_sparkling.training import growth
+
+        sources, step = growth.global_state(self.args, self.model, self.optimizer)
+        new_args.iteration = self.iteration
+        self.model, self.optimizer = growth.build_grown(new_args, sources, step, make_tensor)
+        del sources
+        self.scheduler = growth.carry_scheduler(new_args, self.optimizer, self.scheduler)
+        self.args = new_args
+        self.config = model_lib.unwrap(self.model)[0].config
+        self.config.finalize_model_grads_func = _finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.flops_per_iteration = flops.training_flops_per_iteration(new_args)
+        self._attach_hooks()
 
     # ------------------------------------------------------------------ steps
     @property
@@ -139,6 +187,9 @@ class Pretrainer:
 
     def train_step(self) -> dict:
         """One iteration; returns its logged figures."""
+        for hook in self.hooks:
+            if hasattr(hook, "before_step"):
+                hook.before_step(self)
         args = self.args
         start = time.time()
         for chunk in self.model:
@@ -175,7 +226,7 @@ class Pretrainer:
 
     def _moe_metrics(self) -> dict:
         args = self.args
-        if not args.num_experts:
+        if not args.num_experts or not args.num_layers:
             return {}
         from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
@@ -189,22 +240,24 @@ class Pretrainer:
         return {k: float(v) for k, v in totals.items()}
 
     @torch.no_grad()
-    def evaluate(self, dataset=None, eval_iters=None) -> float:
-        """Token-weighted lm loss over the first eval_iters global batches of `dataset`."""
+    def evaluate(self, dataset=None, eval_iters=None, model=None) -> float:
+        """Token-weighted lm loss over the first eval_iters global batches of `dataset`, of this
+        run's model or of `model` (model chunks of the same run, e.g. a grown candidate)."""
         args = self.args
         dataset = self.valid_ds if dataset is None else dataset
         eval_iters = args.eval_iters if eval_iters is None else eval_iters
-        for chunk in self.model:
+        model = self.model if model is None else model
+        for chunk in model:
             chunk.eval()
         reports = []
         batches = data.microbatches(dataset, 0, eval_iters, args)
         for _ in range(eval_iters):
             reports += self.forward_backward(
-                forward_step_func=forward_step, data_iterator=batches, model=self.model,
+                forward_step_func=forward_step, data_iterator=batches, model=model,
                 num_microbatches=self.num_microbatches, seq_length=args.seq_length,
                 micro_batch_size=args.micro_batch_size, decoder_seq_length=args.seq_length,
                 forward_only=True)
-        for chunk in self.model:
+        for chunk in model:
             chunk.train()
         if args.num_experts:
             from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker

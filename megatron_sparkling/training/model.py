@@ -38,6 +38,12 @@ def transformer_config_from_args(args):
 
         kw["activation_func"] = squared_relu
     kw["num_query_groups"] = args.num_query_groups if args.group_query_attention else None
+    if not args.num_layers:
+        # A zero-layer model (progressive training's start) has no output projection to scale;
+        # megatron-core's default scaled init would divide by num_layers = 0.
+        from megatron.core.utils import init_method_normal
+
+        kw["output_layer_init_method"] = init_method_normal(args.init_method_std)
     return TransformerConfig(**kw)
 
 
