@@ -146,6 +146,9 @@ class Pretrainer:
 
         sources, step = growth.global_state(self.args, self.model, self.optimizer)
         new_args.iteration = self.iteration
+        for counter in ("consumed_train_samples", "skipped_train_samples",
+                        "consumed_valid_samples"):  # the data position goes on
+            setattr(new_args, counter, getattr(self.args, counter, 0))
         self.model, self.optimizer = growth.build_grown(new_args, sources, step, make_tensor)
         del sources
         self.scheduler = growth.carry_scheduler(new_args, self.optimizer, self.scheduler)

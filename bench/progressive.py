@@ -1,0 +1,362 @@
+"""Width-progressive MoE pre-training against training from scratch, measured in FLOPs.
+
+    python bench/progressive.py --quick            # CPU, 2 cores, under 10 minutes
+    python bench/progressive.py --full --sweep     # a GPU: bigger models, growth-time sweep
+
+In one process (1 rank), on the tokenized standard-library corpus and the project's own
+pre-training loop (megatron-core GPTModel with MoE layers, optimizer, scheduler, datasets):
+- (a) the wide MoE model from scratch, one per setting (expert FFN 2x, hidden 2x, both);
+- (b) the narrow model for the first part of the token budget (shared by every setting and
+  method: one narrow run, saved at the growth point), then growth with each method (the product's
+  Grower, with the asymmetric optimizer state and, for SPARKLING and its ablations, the LR
+  re-warmup) and the rest of the budget wide.
+All runs read the same data in the same order with the same seed. Training FLOPs are counted from
+the shapes of the model actually run (forward + backward, MoE top-k included:
+megatron_sparkling/training/flops.py). Outputs (in --out): results.json (every curve), the plot
+progressive.png (validation loss against FLOPs, growth point marked) and results.md (per setting:
+compute to reach the scratch run's best validation loss, saving, loss jump at growth, twin
+gradient cosine ~100 steps after growth).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+import analysis  # noqa: E402
+
+SETTINGS = {
+    "expert-ffn-2x": {"moe_ffn_hidden_size": 2},
+    "hidden-2x": {"hidden_size": 2},
+    "both-2x": {"moe_ffn_hidden_size": 2, "hidden_size": 2},
+}
+# name -> (growth method, method options, re-warmup scope)
+METHODS = {
+    "sparkling": ("sparkling", {}, "new"),
+    "copy": ("copy", {}, "none"),
+    "hypercloning": ("hypercloning", {}, "none"),
+    "staged": ("staged", {}, "none"),
+    "msg": ("msg", {}, "none"),
+    "zero": ("zero", {}, "none"),
+    "random": ("random", {}, "none"),
+    "drop-opt": ("drop-opt", {}, "new"),
+    "copy-opt": ("copy-opt", {}, "new"),
+    "sparkling-rewarm-all": ("sparkling", {}, "all"),
+}
+PAPER_SAVING = {"expert-ffn-2x": 0.20, "hidden-2x": 0.25, "both-2x": 0.35}
+
+QUICK = dict(
+    num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, num_experts=4,
+    moe_ffn_hidden_size=64, moe_router_topk=2, seq_length=64, micro_batch_size=8,
+    global_batch_size=8, train_iters=240, lr=3e-3, min_lr=3e-4, lr_warmup_iters=12,
+    eval_interval=12, eval_iters=2, rewarmup_iters=12, msg_ramp=12, twin_after=100)
+FULL = dict(
+    num_layers=8, hidden_size=512, num_attention_heads=8, kv_channels=64, num_experts=16,
+    moe_ffn_hidden_size=512, moe_router_topk=2, seq_length=512, micro_batch_size=8,
+    global_batch_size=64, train_iters=6000, lr=1e-3, min_lr=1e-4, lr_warmup_iters=200,
+    eval_interval=100, eval_iters=10, rewarmup_iters=250, msg_ramp=250, twin_after=100)
+
+
+def base_flags(cfg: dict, data_path: str, out: str) -> list[str]:
+    flags = {
+        "num_layers": cfg["num_layers"], "hidden_size": cfg["hidden_size"],
+        "num_attention_heads": cfg["num_attention_heads"], "kv_channels": cfg["kv_channels"],
+        "num_experts": cfg["num_experts"], "moe_ffn_hidden_size": cfg["moe_ffn_hidden_size"],
+        "moe_router_topk": cfg["moe_router_topk"], "moe_aux_loss_coeff": 0.01,
+        "swiglu": True, "normalization": "RMSNorm", "position_embedding_type": "rope",
+        "disable_bias_linear": True, "untie_embeddings_and_output_weights": True,
+        "seq_length": cfg["seq_length"], "max_position_embeddings": cfg["seq_length"],
+        "micro_batch_size": cfg["micro_batch_size"],
+        "global_batch_size": cfg["global_batch_size"], "train_iters": cfg["train_iters"],
+        "lr": cfg["lr"], "min_lr": cfg["min_lr"], "lr_warmup_iters": cfg["lr_warmup_iters"],
+        "lr_decay_style": "cosine", "weight_decay": 0.1, "clip_grad": 1.0,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0, "use_distributed_optimizer": True,
+        "eval_interval": cfg["eval_interval"], "eval_iters": cfg["eval_iters"],
+        "log_interval": 10 ** 9, "data_path": data_path, "split": "98,2,0", "seed": 1234,
+        "sparkling_rewarmup_iters": cfg["rewarmup_iters"],
+    }
+    argv = []
+    for name, value in flags.items():
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
+class Bench:
+    """All runs in one initialized megatron-core process (1 rank)."""
+
+    def __init__(self, cfg, data_path, out, grow_at: float, verbose=False):
+        from megatron_sparkling.training import initialize as init_lib
+        from megatron_sparkling.training.loop import _add_run_flags, _chain_providers
+        from megatron_sparkling import schedule
+
+        self.cfg, self.out, self.verbose = cfg, out, verbose
+        os.makedirs(out, exist_ok=True)
+        argv = base_flags(cfg, data_path, out)
+        self.narrow_args = init_lib.initialize(
+            argv, _chain_providers(_add_run_flags, schedule.add_rewarmup_args))
+        from megatron_sparkling.training import data, model as model_lib
+
+        self.narrow_args.padded_vocab_size = model_lib.padded_vocab_size(
+            data.build_tokenizer(self.narrow_args).vocab_size, self.narrow_args)
+        self.grow_iteration = int(round(grow_at * cfg["train_iters"]))
+        self.narrow_ckpt = os.path.join(out, f"narrow_ckpt_{self.grow_iteration}")
+
+    # ------------------------------------------------------------------ runs
+    def _trainer(self, args):
+        from megatron_sparkling.training.initialize import set_random_seed
+        from megatron_sparkling.training.loop import Pretrainer
+
+        set_random_seed(args.seed)
+        return Pretrainer(args)
+
+    def _curve(self, trainer):
+        return [{"iteration": r["iteration"], "flops": r["flops"],
+                 "loss": r["validation lm loss"], **({"after_growth": True}
+                                                     if r.get("after_growth") else {})}
+                for r in trainer.history if "validation lm loss" in r]
+
+    def _train(self, trainer, label):
+        from tqdm import tqdm
+
+        args = trainer.args
+        bar = tqdm(total=args.train_iters - trainer.iteration, desc=label, leave=False,
+                   disable=not sys.stderr.isatty())
+        while trainer.iteration < args.train_iters:
+            trainer.train_step()
+            bar.update(1)
+            if trainer.iteration % args.eval_interval == 0:
+                self._validate(trainer)
+            if getattr(self, "_twin_probe", None) and trainer.iteration == self._twin_probe[0]:
+                self._twin_probe[1](trainer)
+        bar.close()
+
+    @staticmethod
+    def _validate(trainer, **extra):
+        loss = trainer.evaluate()
+        trainer.history.append({"iteration": trainer.iteration, "validation lm loss": loss,
+                                "flops": trainer.num_floating_point_operations_so_far, **extra})
+        return loss
+
+    def wide_args(self, setting: str):
+        from megatron_sparkling.spec import ModelShape
+
+        shape = ModelShape.from_args(self.narrow_args)
+        scale = SETTINGS[setting]
+        target = shape.replace(**{k: getattr(shape, k) * f for k, f in scale.items()})
+        return target.apply_to_args(self.narrow_args)
+
+    def scratch(self, setting: str) -> dict:
+        args = copy.copy(self.wide_args(setting))
+        trainer = self._trainer(args)
+        self._validate(trainer)
+        start = time.time()
+        self._train(trainer, f"scratch {setting}")
+        return {"kind": "scratch", "setting": setting, "curve": self._curve(trainer),
+                "flops_per_iteration": trainer.flops_per_iteration,
+                "seconds": time.time() - start}
+
+    def narrow(self) -> dict:
+        args = copy.copy(self.narrow_args)
+        args.save = self.narrow_ckpt
+        trainer = self._trainer(args)
+        self._validate(trainer)
+        start = time.time()
+        while trainer.iteration < self.grow_iteration:
+            trainer.train_step()
+            if trainer.iteration % args.eval_interval == 0:
+                self._validate(trainer)
+        if trainer.iteration % args.eval_interval:
+            self._validate(trainer)
+        trainer.save()
+        self.narrow_curve = self._curve(trainer)
+        return {"kind": "narrow", "curve": self.narrow_curve,
+                "flops_per_iteration": trainer.flops_per_iteration,
+                "seconds": time.time() - start}
+
+    def grown(self, setting: str, name: str) -> dict:
+        from megatron_sparkling import schedule
+        from megatron_sparkling.diagnostics import twin_similarity
+        from megatron_sparkling.masked_growth import MaskRamp
+        from megatron_sparkling.methods import Grower
+        from megatron_sparkling.spec import GrowthSpec, ModelShape
+        from megatron_sparkling.training import data
+
+        method, options, scope = METHODS[name]
+        if method == "msg":
+            options = dict(options, ramp_steps=self.cfg["msg_ramp"])
+        narrow_args = copy.copy(self.narrow_args)
+        narrow_args.load = self.narrow_ckpt
+        trainer = self._trainer(narrow_args)
+        assert trainer.iteration == self.grow_iteration
+        wide = self.wide_args(setting)
+        spec = GrowthSpec(ModelShape.from_args(narrow_args), ModelShape.from_args(wide), method,
+                          seed=narrow_args.seed, options=options)
+        grower = Grower(spec)
+        start = time.time()
+        trainer.grow_model(wide, lambda key, shape, sources: grower.grow(key, sources[key]))
+        config = dataclasses.replace(schedule.RewarmupConfig.from_args(wide), scope=scope)
+        schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
+                                  grower.record(), config)
+        if method == "msg":
+            MaskRamp(grower.plan, trainer.iteration, self.cfg["msg_ramp"]).install(
+                trainer.model, lambda: trainer.iteration)
+        trainer.history = [dict(p, **{"validation lm loss": p["loss"]}) for p in self.narrow_curve]
+        self._validate(trainer, after_growth=True)
+
+        twin = {}
+        probe_at = min(trainer.iteration + self.cfg["twin_after"], wide.train_iters)
+        batches = list(data.microbatches(trainer.valid_ds, 0, 1, wide))
+
+        def probe(t):
+            sims = twin_similarity(t.model, grower.plan, batches)
+            twin["gradient"] = {axis: s["mean"] for axis, s in sims["gradient"].items()
+                                if s.get("mean") is not None}
+            twin["weight"] = {axis: s["mean"] for axis, s in sims["weight"].items()
+                              if s.get("mean") is not None}
+        self._twin_probe = (probe_at, probe)
+        self._train(trainer, f"{name} {setting}")
+        self._twin_probe = None
+        curve = self._curve(trainer)
+        growth_flops = self.narrow_curve[-1]["flops"]
+        grads = list(twin.get("gradient", {}).values())
+        return {"kind": "grown", "setting": setting, "method": name, "curve": curve,
+                "growth_iteration": self.grow_iteration, "growth_flops": growth_flops,
+                "loss_jump": analysis.growth_jump(curve, growth_flops),
+                "twin_cosine": sum(grads) / len(grads) if grads else None,
+                "twin": twin, "twin_iteration": probe_at,
+                "flops_per_iteration": trainer.flops_per_iteration,
+                "seconds": time.time() - start}
+
+
+# ---------------------------------------------------------------------- reporting
+def report(results: dict, out: str) -> str:
+    lines = [f"# Progressive MoE pre-training vs from scratch ({results['mode']} mode)", "",
+             f"Command: `{results['command']}`", "",
+             f"Growth at iteration {results['grow_iteration']} of {results['train_iters']} "
+             f"({results['grow_at']:.0%} of the token budget). Saving = 1 - FLOPs to reach the "
+             "scratch run's best validation loss / the scratch run's FLOPs to reach it; — when a "
+             "run never reaches it within the budget.", ""]
+    for setting, runs in results["settings"].items():
+        table_runs = {"scratch": runs["scratch"], **{m: r for m, r in runs["grown"].items()}}
+        rows = analysis.summarize(table_runs, "scratch")
+        lines += [f"## {setting} (paper: {PAPER_SAVING[setting]:.0%} saved)", "",
+                  analysis.markdown_table(rows), ""]
+    text = "\n".join(lines)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def plot(results: dict, out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(results["settings"])
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        runs = results["settings"][setting]
+        sc = runs["scratch"]["curve"]
+        ax.plot([p["flops"] for p in sc], [p["loss"] for p in sc], "k-", lw=2.2, label="scratch")
+        for name, run in runs["grown"].items():
+            c = run["curve"]
+            ax.plot([p["flops"] for p in c], [p["loss"] for p in c], lw=1.2, label=name,
+                    ls="-" if name == "sparkling" else "--" if "opt" in name or "all" in name
+                    else ":" if name in ("zero", "random") else "-.")
+        gf = results["growth_flops"]
+        ax.axvline(gf, color="gray", lw=0.8)
+        ax.text(gf, ax.get_ylim()[1], " growth", va="top", fontsize=8, color="gray")
+        ymin = min(p["loss"] for p in sc)
+        ax.set_ylim(ymin - 0.1, ymin + 1.2)
+        ax.set_title(setting)
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = os.path.join(out, "progressive.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny models, CPU, < 10 minutes")
+    mode.add_argument("--full", action="store_true", help="bigger models (for a GPU)")
+    p.add_argument("--data-path", default=os.path.join(REPO, "data", "stdlib_text_document"))
+    p.add_argument("--out", default=os.path.join(REPO, "runs", "progressive"))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--grow-at", type=float, default=0.5,
+                   help="growth point as a fraction of the token budget (default 0.5)")
+    p.add_argument("--sweep", action="store_true",
+                   help="full mode: repeat for growth at 25%%, 50%% and 75%% of the budget")
+    p.add_argument("--train-iters", type=int, default=None, help="override the mode's budget")
+    a = p.parse_args(argv)
+    cfg = dict(FULL if a.full else QUICK)
+    if a.train_iters:
+        cfg["train_iters"] = a.train_iters
+    from megatron_sparkling.training import corpus
+
+    if not corpus.exists(a.data_path):
+        corpus.build(corpus.stdlib_files(corpus.default_source_dir()), a.data_path)
+    grow_points = [0.25, 0.5, 0.75] if a.sweep else [a.grow_at]
+    os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 200))
+    all_results = []
+    for grow_at in grow_points:
+        out = a.out if len(grow_points) == 1 else os.path.join(a.out, f"grow_at_{grow_at:g}")
+        all_results.append(run(cfg, a, grow_at, out))
+    return 0
+
+
+def run(cfg, a, grow_at, out) -> dict:
+    from megatron_sparkling.training.initialize import shutdown
+
+    t0 = time.time()
+    bench = Bench(cfg, a.data_path, out, grow_at)
+    results = {"mode": "full" if a.full else "quick", "command": " ".join(
+        ["python", "bench/progressive.py"] + (sys.argv[1:] if a is not None else [])),
+        "grow_at": grow_at, "grow_iteration": bench.grow_iteration,
+        "train_iters": cfg["train_iters"], "config": cfg, "settings": {}}
+    try:
+        narrow = bench.narrow()
+        results["narrow"] = narrow
+        results["growth_flops"] = narrow["curve"][-1]["flops"]
+        for setting in a.settings:
+            runs = {"scratch": bench.scratch(setting), "grown": {}}
+            print(f"[{time.time() - t0:6.0f}s] {setting}: scratch best "
+                  f"{min(p['loss'] for p in runs['scratch']['curve']):.4f}", flush=True)
+            for name in a.methods:
+                runs["grown"][name] = bench.grown(setting, name)
+                r = runs["grown"][name]
+                print(f"[{time.time() - t0:6.0f}s] {setting} {name}: final "
+                      f"{r['curve'][-1]['loss']:.4f}, jump {r['loss_jump']:+.4f}, twin "
+                      f"{r['twin_cosine'] if r['twin_cosine'] is None else round(r['twin_cosine'], 3)}",
+                      flush=True)
+            results["settings"][setting] = runs
+    finally:
+        shutdown()
+    results["seconds"] = time.time() - t0
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(report(results, out))
+    print(f"plot: {plot(results, out)}; results: {os.path.join(out, 'results.json')}; "
+          f"{results['seconds']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
