@@ -275,11 +275,12 @@ def plot(results: dict, out: str) -> str:
             ax.plot([p["flops"] for p in c], [p["loss"] for p in c], lw=1.2, label=name,
                     ls="-" if name == "sparkling" else "--" if "opt" in name or "all" in name
                     else ":" if name in ("zero", "random") else "-.")
-        gf = results["growth_flops"]
-        ax.axvline(gf, color="gray", lw=0.8)
-        ax.text(gf, ax.get_ylim()[1], " growth", va="top", fontsize=8, color="gray")
         ymin = min(p["loss"] for p in sc)
         ax.set_ylim(ymin - 0.1, ymin + 1.2)
+        gf = results["growth_flops"]
+        ax.axvline(gf, color="gray", lw=0.8)
+        ax.text(gf, 0.98, " growth", va="top", fontsize=8, color="gray",
+                transform=ax.get_xaxis_transform())
         ax.set_title(setting)
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel("validation loss")
