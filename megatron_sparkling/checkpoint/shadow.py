@@ -44,7 +44,9 @@ class Piece:
     main: bool                 # the main replica (replica_id all zero)
 
     def view_of(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch.as_strided(flat, self.size, self.stride, self.offset)
+        """This piece of a contiguous flat local tensor (which may itself be a view)."""
+        flat = flat.contiguous()
+        return torch.as_strided(flat, self.size, self.stride, flat.storage_offset() + self.offset)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class RankLayout:
     optimizers: list                    # OptimizerLayout
     global_shapes: dict                 # checkpoint key -> global shape (this rank's model keys)
     objects: list                       # ShardedObject unique keys of the model (extra state)
+    coordinates: dict = field(default_factory=dict)   # tp, pp, ep, dp, edp ranks
 
 
 # ---------------------------------------------------------------------------- rank choice
@@ -106,6 +109,13 @@ def representative_ranks(args) -> list[int]:
     dp_token = "dp-cp" if (getattr(args, "context_parallel_size", 1) or 1) > 1 else "dp"
     ranks = {g[0] for g in dense.get_ranks(dp_token)} | {g[0] for g in expert.get_ranks("dp")}
     return sorted(ranks)
+
+
+def expert_dp_first_ranks(args) -> list[int]:
+    """The global ranks of expert-data-parallel rank 0, one per (TP, PP, EP) coordinate: the
+    ranks that write Megatron-LM's legacy per-rank checkpoint files."""
+    _, expert, _ = _generators(args)
+    return sorted(g[0] for g in expert.get_ranks("dp"))
 
 
 def stage_ranks(args) -> list[int]:
@@ -279,7 +289,14 @@ def _build_rank(args, rank: int, with_optimizer: bool) -> RankLayout:
                 config, model, config_overrides=get_standard_config_overrides(config),
                 use_gloo_process_groups=False)
             optimizers = _record_optimizers(optimizer, chunk)
-        return RankLayout(rank, tensors, optimizers, shapes, objects)
+        coordinates = {
+            "tp": mpu.get_tensor_model_parallel_rank(),
+            "pp": mpu.get_pipeline_model_parallel_rank(),
+            "ep": mpu.get_expert_model_parallel_rank(),
+            "dp": mpu.get_data_parallel_rank(with_context_parallel=True),
+            "edp": mpu.get_expert_data_parallel_rank(),
+        }
+        return RankLayout(rank, tensors, optimizers, shapes, objects, coordinates)
     finally:
         mpu.destroy_model_parallel()
         torch.distributed.destroy_process_group()
