@@ -28,8 +28,9 @@ RETIRED_PREFIX = ".sparkling-old-"
 
 
 def _same_or_inside(path: str, other: str) -> bool:
+    """`path` is `other` or lies inside it."""
     a, b = os.path.realpath(path), os.path.realpath(other)
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
 def existing_checkpoint(root: str) -> list[str]:
@@ -37,6 +38,26 @@ def existing_checkpoint(root: str) -> list[str]:
     found = [p for p in (os.path.join(root, TRACKER), os.path.join(root, "release"))
              if os.path.exists(p)]
     return found + sorted(glob.glob(os.path.join(root, "iter_*")))
+
+
+def check_target(root: str, source: str = "", overwrite: bool = False) -> None:
+    """`source`: the --load path (a checkpoint root or an iteration directory)."""
+    if source and (_same_or_inside(root, source) or _same_or_inside(
+            os.path.dirname(os.path.realpath(source)), root) and _is_iteration_dir(source)):
+        raise CheckpointError(f"--save {root} overlaps --load {source}; the source is never "
+                              "written: choose another --save directory")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise CheckpointError(f"--save {root} is a file; choose a directory")
+    existing = existing_checkpoint(root) if os.path.isdir(root) else []
+    if existing and not overwrite:
+        raise CheckpointError(f"--save {root} already holds a checkpoint "
+                              f"({os.path.basename(existing[0])}); choose an empty directory or "
+                              "pass --overwrite")
+
+
+def _is_iteration_dir(path: str) -> bool:
+    name = os.path.basename(os.path.normpath(path))
+    return name == "release" or name.startswith("iter_")
 
 
 class StagedIteration:
@@ -49,20 +70,17 @@ class StagedIteration:
         self.release = release
         self.overwrite = overwrite
         self.final = iteration_dir(root, iteration, release)
-        if source and _same_or_inside(root, source):
-            raise CheckpointError(f"--save {root} overlaps --load {source}; the source is never "
-                                  "written: choose another --save directory")
+        self.source = source
         self.staging = ""
+
+    def check(self) -> None:
+        """Refuse a target that overlaps the source, is a file, or holds a checkpoint already
+        (unless overwrite). Cheap: called before any work, and again right before writing."""
+        check_target(self.root, self.source, self.overwrite)
 
     def prepare(self, token: str = "") -> str:
         """Check the target, remove stale staging folders, create ours (rank 0 only)."""
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise CheckpointError(f"--save {self.root} is a file; choose a directory")
-        existing = existing_checkpoint(self.root) if os.path.isdir(self.root) else []
-        if existing and not self.overwrite:
-            raise CheckpointError(f"--save {self.root} already holds a checkpoint "
-                                  f"({os.path.basename(existing[0])}); choose an empty directory "
-                                  "or pass --overwrite")
+        self.check()
         os.makedirs(self.root, exist_ok=True)
         self.remove_stale()
         self.staging = self.staging_path(token or uuid.uuid4().hex[:12])

@@ -29,7 +29,7 @@ import torch
 
 from megatron_sparkling import layout as layout_lib
 from megatron_sparkling.checkpoint import optimizer_common, shadow
-from megatron_sparkling.checkpoint.commit import StagedIteration
+from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
 from megatron_sparkling.checkpoint.dcp import TensorSpec
 from megatron_sparkling.checkpoint.reader import open_checkpoint
 from megatron_sparkling.checkpoint.writer import write_torch_dist
@@ -81,6 +81,7 @@ class Conversion:
 
     def __init__(self, req: ExpandRequest):
         self.req = req
+        check_target(req.save, req.load, req.overwrite)
         self.src = open_checkpoint(req.load, req.iteration)
         self.src.check_args_match_tensors()
         args = self.src.args
@@ -324,7 +325,7 @@ def expand(req: ExpandRequest) -> ExpandResult:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     stage = StagedIteration(req.save, conv.common["iteration"], conv.src.release, req.overwrite,
-                            source=conv.src.path)
+                            source=req.load)
     box = [None]
     if rank == 0:
         try:
