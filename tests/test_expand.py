@@ -12,39 +12,14 @@ import pytest
 import torch
 
 from conftest import REPO, megatron_run, tiny_moe_flags
-from megatron_sparkling import layout
 from megatron_sparkling.cli import main
-from megatron_sparkling.methods.base import REGISTRY, GrowthMethod
+from growth_fixture import copy_method  # noqa: F401  (autouse fixture)
 
 SAVE_AT, TOTAL = 4, 8
 NARROW = dict(train_iters=TOTAL, lr_warmup_iters=2, hidden_dropout=0, attention_dropout=0,
               use_distributed_optimizer=True)
 WIDE = dict(NARROW, hidden_size=128, kv_channels=16, moe_ffn_hidden_size=256,
             ffn_hidden_size=128)
-
-
-class IndexCopyGrowth(GrowthMethod):
-    """TEST FIXTURE, not a product method: every grown element copies its plan source; fan-in
-    columns are divided by their copy count (Net2Net), so the function is preserved."""
-
-    name = "test-index-copy"
-
-    def grow_tensor(self, key, tensor, kind, lay, plan):
-        for d, (dim, m) in enumerate(zip(lay.dims, plan.tensor_maps(lay))):
-            tensor = tensor.index_select(d, m.source.clamp(min=0))
-            if dim.role is layout.Role.IN:
-                counts = m.copies().float()[m.source.clamp(min=0)]
-                shape = [1] * tensor.dim()
-                shape[d] = m.new
-                tensor = tensor / counts.view(shape) ** (2 if kind == "exp_avg_sq" else 1)
-        return tensor
-
-
-@pytest.fixture(autouse=True)
-def copy_method():
-    REGISTRY[IndexCopyGrowth.name] = IndexCopyGrowth
-    yield
-    REGISTRY.pop(IndexCopyGrowth.name, None)
 
 
 def tree_hashes(root) -> dict:
@@ -134,6 +109,18 @@ def test_growth_through_the_cli_preserves_the_loss(source, tmp_path, corpus_pref
     assert grown.args.hidden_size == 128 and grown.args.moe_ffn_hidden_size == 256
     first = resume(corpus_prefix, str(dst), 1, dist_ckpt_strictness="raise_all", **WIDE)[0]
     assert abs(first - continued[0]) / continued[0] < 1e-4, (first, continued[0])
+
+
+def test_expert_count_growth_loads_strictly(source, tmp_path, corpus_prefix):
+    """4 -> 8 experts: every per-expert tensor, optimizer state and `_extra_state` object of the
+    grown model is written, so a strict load finds exactly what it asks for."""
+    src, _ = source
+    dst = tmp_path / "more_experts"
+    assert expand("--load", src, "--save", dst, "--num-experts", 8, "--method",
+                  "test-index-copy") == 0
+    losses = resume(corpus_prefix, str(dst), 2, dist_ckpt_strictness="raise_all",
+                    **dict(NARROW, num_experts=8))
+    assert all(0 < loss < 6 for loss in losses)
 
 
 def _copy(src, dst):

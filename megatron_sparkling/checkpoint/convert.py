@@ -142,6 +142,7 @@ class Conversion:
         args.expert_model_parallel_size = p.expert
         if p.expert_tensor is not None:
             args.expert_tensor_parallel_size = p.expert_tensor
+        args = shadow.run_args(args)  # consistent derived sizes (world, DP, sequence parallel)
         if not self.keep_rng:
             args.no_save_rng = True
         if self.optimizer is None:
@@ -178,9 +179,11 @@ class Conversion:
         return specs
 
     def _objects(self) -> dict:
-        """unique key -> bytes (or a callable making them) of the ShardedObjects to write."""
+        """unique key -> bytes of the ShardedObjects to write."""
         out = {}
         extra: dict[str, dict] = {}
+        counts_grow = self.grown and any(a in (layout_lib.Axis.EXPERT, layout_lib.Axis.LAYER)
+                                         for a in self.spec.grown_axes())
         for unique in self.src.objects:
             key = unique.split("/shard_")[0]
             if key == "rng_state":
@@ -188,15 +191,17 @@ class Conversion:
                     out[unique] = self.src.read_object_bytes(unique)
             elif key.startswith(("optimizer.", "chained_")):
                 continue  # bucket-space bookkeeping; the written optimizer state is model space
-            elif layout_lib.is_extra_state(key) and self.grown:
+            elif layout_lib.is_extra_state(key) and counts_grow:
                 extra.setdefault(key, {})[unique] = None
-            else:
+            else:  # object keys depend only on layer and expert counts
                 out[unique] = self.src.read_object_bytes(unique)
         if extra:
             out.update(self._grown_extra_state(extra))
         return out
 
     def _grown_extra_state(self, extra: dict) -> dict:
+        """`_extra_state` objects (TE FP8 metadata; None with the local spec) of a model whose
+        expert or layer count grew: one per grown unit, copied from its source unit."""
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         from megatron_sparkling.checkpoint.reader import object_bytes
@@ -208,10 +213,12 @@ class Conversion:
                 for unique, value in self.grower.grow_objects(key, data).items():
                     out[unique] = object_bytes(value)
             return out
-        # a Grower without object growth: each grown unit takes the object at its position
-        # modulo the source's count (the same object for every unit with the local spec)
-        targets = [u for lay in self._target for u in lay.objects]
-        for unique in dict.fromkeys(targets):
+        # a Grower without object growth: the target model's objects (every rank of its layout),
+        # each taking the source object at its position modulo the source's counts
+        target_run = shadow.run_args(self.target_args)
+        layouts = shadow.build_layouts(target_run, shadow.representative_ranks(target_run),
+                                       with_optimizer=False, exact=False)
+        for unique in dict.fromkeys(u for lay in layouts for u in lay.objects):
             obj = ShardedObject.empty_from_unique_key(unique)
             if obj.key not in extra:
                 continue

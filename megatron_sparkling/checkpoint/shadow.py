@@ -398,4 +398,8 @@ def run_args(args, *, tensor: Optional[int] = None, pipeline: Optional[int] = No
     etp = getattr(out, "expert_tensor_parallel_size", None) or tp
     out.world_size = math.lcm(tp * pp * cp, etp * ep * pp)
     out.data_parallel_size = out.world_size // (tp * pp * cp)
+    if tp == 1:
+        out.sequence_parallel = False  # megatron-core refuses it without TP
+    elif getattr(out, "num_experts", None):
+        out.sequence_parallel = True   # and requires it for MoE with TP
     return out
