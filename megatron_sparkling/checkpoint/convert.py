@@ -9,7 +9,10 @@ The pipeline behind `megatron-sparkling expand`:
    a byte is written;
 3. stream: every model tensor and every optimizer-state tensor is read as ONE global tensor,
    passed through `Grower.grow(key, tensor, kind)` (skipped when no size changes: a plain format
-   conversion) and written (`writer`), into a staging folder beside the target;
+   conversion) and written (`writer`), into a staging folder beside the target. Tensors stacked
+   over layers (`decoder.layers.<name>`, shape (L, ...)) are streamed one layer at a time, grown
+   under their per-layer keys (`decoder.layers.<i>.<name>`), so memory is bounded by one layer's
+   slice, not by the model's depth (unless the layer count itself grows);
 4. publish atomically (`commit`): rename into `iter_N`, then the tracker file.
 
 Written format: optimizer state in MODEL SPACE as `fully_reshardable` (`optimizer.state.param /
@@ -263,20 +266,28 @@ class Conversion:
         return common
 
     # ------------------------------------------------------------------ streaming
-    def produce(self, key: str) -> torch.Tensor:
+    def layered(self) -> dict:
+        """Keys streamed one layer at a time: stacked keys, unless the layer count grows."""
+        if layout_lib.Axis.LAYER in self.spec.grown_axes():
+            return {}
+        return {k: True for k in self.specs if layout_lib.is_stacked(k)}
+
+    def produce(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """One target tensor, or one layer of a stacked one, grown under its per-layer key."""
         prefix, model_key = layout_lib.split_state_key(key)
         if not prefix:
-            kind, tensor = "param", self.src.read_model(key)
+            kind, tensor = "param", self.src.read_model(key, layer)
         else:
             kind = prefix[len("optimizer.state."):-1]
             if kind in self.optimizer.kinds:
-                tensor = self.optimizer.read(model_key, kind)
+                tensor = self.optimizer.read(model_key, kind, layer)
             elif kind == "param":  # no distributed optimizer, fp32 params: the weights
-                tensor = self.src.read_model(model_key).float()
+                tensor = self.src.read_model(model_key, layer).float()
             else:
                 raise CheckpointError(f"the checkpoint has no {kind} state for {model_key}")
         if self.grower is not None:
-            tensor = self.grower.grow(key, tensor, kind)
+            grow_key = key if layer is None else layout_lib.layer_key(key, layer)
+            tensor = self.grower.grow(grow_key, tensor, kind)
         return tensor.to(self.specs[key].dtype)
 
     def relaunch_flags(self) -> list:
@@ -346,7 +357,7 @@ def expand(req: ExpandRequest) -> ExpandResult:
     stage.staging = box[0]
     try:
         write_torch_dist(stage.staging, conv.specs, conv.produce, conv.objects, conv.common,
-                         progress=req.progress,
+                         layered=conv.layered(), progress=req.progress,
                          desc="growing" if conv.grown else "converting")
         if rank == 0:
             stage.commit()

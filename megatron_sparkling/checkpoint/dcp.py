@@ -156,6 +156,13 @@ class DcpCheckpoint:
         self._load(_RegionPlanner({key: (offsets, dest)}, ()))
         return dest
 
+    def read_layer(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """The global tensor `key`, or one slice of its leading (layer) axis, without that axis."""
+        if layer is None:
+            return self.read(key)
+        shape = self.tensors[key].shape
+        return self.read(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
+
     def read_object_bytes(self, unique_key: str) -> bytes:
         """The stored bytes of one ShardedObject (megatron-core's `torch.save([data])`)."""
         if unique_key not in self.objects:

@@ -130,12 +130,13 @@ class LegacyCheckpoint(SourceCheckpoint):
                                   "the stored args do not describe this checkpoint: fix them")
         return model[name]
 
-    def read_model(self, key: str) -> torch.Tensor:
+    def read_model(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         spec = self.model_tensors[key]
-        out = torch.empty(spec.shape, dtype=spec.dtype)
+        out = torch.empty(spec.shape if layer is None else spec.shape[1:], dtype=spec.dtype)
         for rank, name, piece in self._pieces[key]:
-            local = self._local(rank, name)
-            out[piece.global_slice] = piece.view_of(local.reshape(-1))
+            where = optimizer_state.in_layer(piece.global_slice, layer)
+            if where is not None:
+                out[where] = piece.view_of(self._local(rank, name).reshape(-1))
         return out
 
     def read_object(self, unique_key: str):
@@ -265,12 +266,16 @@ class LegacyOptimizerState(optimizer_state.OptimizerState):
         ids = inner["param_groups"][g_index]["params"]
         return inner["state"][ids[i]][kind].reshape(-1)
 
-    def read(self, key: str, kind: str) -> torch.Tensor:
+    def read(self, key: str, kind: str, layer: Optional[int] = None) -> torch.Tensor:
         if key not in self._where:
             raise CheckpointError(f"the checkpoint has no {kind} optimizer state for {key}")
-        out = torch.empty(self._shapes[key], dtype=torch.float32)
+        shape = self._shapes[key] if layer is None else self._shapes[key][1:]
+        out = torch.empty(shape, dtype=torch.float32)
         for rank, o_index, locator, pieces, name in self._where[key]:
-            flat = self._local_state(rank, o_index, locator, kind, name).float()
-            for piece in pieces:
-                out[piece.global_slice] = piece.view_of(flat)
+            placed = [(w, p) for p in pieces
+                      if (w := optimizer_state.in_layer(p.global_slice, layer)) is not None]
+            if placed:
+                flat = self._local_state(rank, o_index, locator, kind, name).float()
+                for where, piece in placed:
+                    out[where] = piece.view_of(flat)
         return out

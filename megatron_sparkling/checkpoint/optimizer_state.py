@@ -49,7 +49,8 @@ class OptimizerState:
     def keys(self) -> list:
         raise NotImplementedError
 
-    def read(self, key: str, kind: str) -> torch.Tensor:
+    def read(self, key: str, kind: str, layer: Optional[int] = None) -> torch.Tensor:
+        """One global fp32 state tensor of a model key, or its slice of one layer."""
         raise NotImplementedError
 
 
@@ -81,11 +82,11 @@ class ModelSpaceState(OptimizerState):
     def keys(self) -> list:
         return self._keys
 
-    def read(self, key: str, kind: str) -> torch.Tensor:
+    def read(self, key: str, kind: str, layer: Optional[int] = None) -> torch.Tensor:
         where = self._where.get((key, kind))
         if where is None:
             raise CheckpointError(f"the checkpoint has no {kind} optimizer state for {key}")
-        return self._dcp.read(where).float()
+        return self._dcp.read_layer(where, layer).float()
 
 
 class BucketSpaceState(OptimizerState):
@@ -160,21 +161,38 @@ class BucketSpaceState(OptimizerState):
     def keys(self) -> list:
         return sorted(self._sources)
 
-    def read(self, key: str, kind: str) -> torch.Tensor:
+    def read(self, key: str, kind: str, layer: Optional[int] = None) -> torch.Tensor:
         if key not in self._sources:
             raise CheckpointError(f"the checkpoint has no {kind} optimizer state for {key}")
-        out = torch.empty(self._shapes[key], dtype=torch.float32)
+        shape = self._shapes[key] if layer is None else self._shapes[key][1:]
+        out = torch.empty(shape, dtype=torch.float32)
         for stem, start, end, pieces in self._sources[key]:
+            placed = [(where, p) for p in pieces
+                      if (where := in_layer(p.global_slice, layer)) is not None]
+            if not placed:
+                continue
             flat = self._dcp.read(f"{stem}.{kind}", (start,), (end - start,))
-            for piece in pieces:
-                out[piece.global_slice] = piece.view_of(flat)
+            for where, piece in placed:
+                out[where] = piece.view_of(flat)
         if kind == "param" and self._verify:
-            model = self._read_model(key)
+            model = self._read_model(key, layer)
             if not torch.equal(out.to(model.dtype), model):
                 raise CheckpointError(
                     f"main parameters read from the buckets do not match the weights of {key}: "
                     f"the rebuilt bucket layout is wrong for this checkpoint; {RESAVE}")
         return out
+
+
+def in_layer(global_slice: tuple, layer: Optional[int]):
+    """Where a piece goes in one layer's slice (None if it is in another layer); the whole
+    global slice when `layer` is None."""
+    if layer is None:
+        return global_slice
+    first = global_slice[0]
+    if isinstance(first, int):
+        return global_slice[1:] if first == layer else None
+    raise CheckpointError("a stacked tensor is split along its layer axis inside one rank; "
+                          f"the converter cannot stream it layer by layer; {RESAVE}")
 
 
 def _numel(shape) -> int:

@@ -121,7 +121,8 @@ class SourceCheckpoint:
     def content_metadata(self) -> dict:
         return dict(self.common.get("content_metadata") or {})
 
-    def read_model(self, key: str) -> torch.Tensor:
+    def read_model(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """One global model tensor, or its slice of one layer (a stacked key's leading axis)."""
         raise NotImplementedError
 
     def read_object_bytes(self, unique_key: str) -> bytes:
@@ -198,8 +199,8 @@ class TorchDistCheckpoint(SourceCheckpoint):
         return self.dcp.read_object(unique)
 
     # ------------------------------------------------------------------ reads
-    def read_model(self, key: str) -> torch.Tensor:
-        return self.dcp.read(key)
+    def read_model(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        return self.dcp.read_layer(key, layer)
 
     def read_object_bytes(self, unique_key: str) -> bytes:
         return self.dcp.read_object_bytes(unique_key)

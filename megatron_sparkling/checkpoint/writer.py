@@ -1,10 +1,12 @@
 """Write a torch_dist checkpoint STREAMING: each global tensor is produced only when written.
 
 The tensors are declared up front by key, global shape and dtype; their data comes from a
-callable `produce(key)` that is called once per tensor while PyTorch's DCP writer works through
-them, and the tensor is dropped right after it is on disk (one tensor per `.distcp` file, so the
-writer keeps no file's worth of tensors alive). Peak memory is therefore the largest produced
-tensor plus what `produce` needs to make it, whatever the checkpoint's size.
+callable `produce(key, layer)` that is called once per tensor, or once per layer slice for
+tensors stacked over layers (megatron-core stores every layer's weights of one kind as ONE
+global tensor `(L, ...)`, so whole tensors would grow with the model's depth), while PyTorch's
+DCP writer works through them; each piece is dropped right after it is on disk (one piece per
+`.distcp` file, so the writer keeps no file's worth of tensors alive). Peak memory is therefore
+the largest produced piece plus what `produce` needs to make it, whatever the checkpoint's size.
 
 The result is what megatron-core's dist_checkpointing loads at ANY TP/EP/PP/DP layout:
 - `.metadata` + `__R_K.distcp`: every tensor under its global key with its global shape (one
@@ -26,9 +28,19 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import (
+    BytesIOWriteData,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
 
-from megatron_sparkling.checkpoint.dcp import TensorSpec
 
 TORCH_DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
@@ -38,40 +50,80 @@ class ProducedTensorError(ValueError):
     """A produced tensor does not have the declared shape or dtype."""
 
 
-class _StreamingSavePlanner(DefaultSavePlanner):
-    """DCP save planner whose tensors are placeholders, produced on demand in `resolve_data`."""
+def work_items(specs: dict, layered: dict) -> list[tuple]:
+    """(key, layer or None, nbytes) for every piece that is produced and written on its own:
+    a key listed in `layered` is written one leading-axis slice (one layer) at a time."""
+    items = []
+    for key in sorted(specs):
+        spec = specs[key]
+        if layered.get(key):
+            per_layer = spec.nbytes // spec.shape[0]
+            items += [(key, i, per_layer) for i in range(spec.shape[0])]
+        else:
+            items.append((key, None, spec.nbytes))
+    return items
 
-    def __init__(self, specs: dict, produce: Callable[[str], torch.Tensor], progress=None):
+
+class _StreamingSavePlanner(DefaultSavePlanner):
+    """DCP save planner whose tensor chunks are produced on demand in `resolve_data`."""
+
+    def __init__(self, specs: dict, items: list, produce, objects: dict, progress=None):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self._specs = specs
+        self._items = items
         self._produce = produce
+        self._objects = objects
         self._progress = progress
 
+    def create_local_plan(self) -> SavePlan:
+        writes = []
+        for key, layer, _ in self._items:
+            spec = self._specs[key]
+            if layer is None:
+                offsets, sizes, kind = (0,) * len(spec.shape), spec.shape, WriteItemType.TENSOR
+            else:
+                offsets = (layer,) + (0,) * (len(spec.shape) - 1)
+                sizes, kind = (1,) + tuple(spec.shape[1:]), WriteItemType.SHARD
+            writes.append(WriteItem(
+                index=MetadataIndex(key, offsets), type=kind,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(offsets),
+                                               sizes=torch.Size(sizes)),
+                    properties=TensorProperties(dtype=spec.dtype), size=torch.Size(spec.shape))))
+        for key, data in self._objects.items():
+            writes.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO,
+                                    bytes_io_data=BytesIOWriteData(len(data))))
+        self.plan = SavePlan(writes)
+        return self.plan
+
     def resolve_data(self, write_item):
-        if write_item.type == WriteItemType.BYTE_IO:
-            # already megatron-core's serialized form: written as is
-            return self.lookup_object(write_item.index)
         key = write_item.index.fqn
-        spec = self._specs[key]
-        tensor = self._produce(key)
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        if write_item.type == WriteItemType.BYTE_IO:
+            # already megatron-core's serialized form (torch.save([data])): written as is
+            return io.BytesIO(self._objects[key])
+        spec, chunk = self._specs[key], write_item.tensor_data.chunk
+        layer = None if write_item.type == WriteItemType.TENSOR else int(chunk.offsets[0])
+        tensor = self._produce(key, layer)
+        expected = tuple(chunk.sizes) if layer is None else tuple(chunk.sizes)[1:]
+        if tuple(tensor.shape) != expected or tensor.dtype != spec.dtype:
+            where = "" if layer is None else f" layer {layer}"
             raise ProducedTensorError(
-                f"{key}: produced {tuple(tensor.shape)} {tensor.dtype}, the checkpoint declares "
-                f"{spec.shape} {spec.dtype}")
+                f"{key}{where}: produced {tuple(tensor.shape)} {tensor.dtype}, the checkpoint "
+                f"declares {expected} {spec.dtype}")
         if self._progress is not None:
-            self._progress.update(spec.nbytes)
+            self._progress.update(tensor.numel() * tensor.element_size())
             self._progress.set_postfix_str(key[-60:], refresh=False)
-        return tensor.detach().to("cpu").contiguous()
+        return tensor.detach().to("cpu").contiguous().view(tuple(chunk.sizes))
 
 
-def split_among_ranks(specs: dict, world: int) -> list[list[str]]:
-    """Keys per rank, balanced by bytes (largest first onto the least loaded rank)."""
-    shares: list[list[str]] = [[] for _ in range(world)]
+def split_among_ranks(items: list, world: int) -> list[list]:
+    """Work items per rank, balanced by bytes (largest first onto the least loaded rank)."""
+    shares: list[list] = [[] for _ in range(world)]
     loads = [0] * world
-    for key in sorted(specs, key=lambda k: (-specs[k].nbytes, k)):
+    for item in sorted(items, key=lambda it: (-it[2], it[0], -1 if it[1] is None else it[1])):
         r = loads.index(min(loads))
-        shares[r].append(key)
-        loads[r] += specs[key].nbytes
+        shares[r].append(item)
+        loads[r] += item[2]
     return shares
 
 
@@ -90,37 +142,33 @@ def write_file_synced(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_torch_dist(directory: str, specs: dict, produce: Callable[[str], torch.Tensor],
-                     objects: dict, common: dict, progress: bool = True,
+def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: dict,
+                     common: dict, layered: dict | None = None, progress: bool = True,
                      desc: str = "writing") -> None:
     """Write a complete torch_dist checkpoint into the EXISTING empty `directory`.
 
-    `specs`: {key: TensorSpec} of every tensor; `produce(key)` makes one (called once per key,
-    on the rank that writes it); `objects`: {unique key: bytes} of ShardedObjects (written by
-    rank 0); `common`: the common state dict (written by rank 0 as common.pt). Collective under
-    torch.distributed (every rank passes the same specs)."""
+    `specs`: {key: TensorSpec} of every tensor; `produce(key, layer)` makes one tensor (layer
+    None) or one layer slice of it (without the leading axis) for keys marked in `layered`;
+    `objects`: {unique key: bytes} of ShardedObjects (written by rank 0); `common`: the common
+    state dict (rank 0 writes common.pt). Collective under torch.distributed (same arguments)."""
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    mine = split_among_ranks(specs, world)[rank]
-    state: dict = {k: torch.empty(specs[k].shape, dtype=specs[k].dtype, device="meta")
-                   for k in mine}
-    if rank == 0:
-        state.update({k: io.BytesIO(v) for k, v in objects.items()})
+    mine = split_among_ranks(work_items(specs, layered or {}), world)[rank]
     bar = None
     if progress:
         from tqdm import tqdm
 
-        total = sum(specs[k].nbytes for k in mine)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=f"{desc} ({len(mine)} tensors{f', rank {rank}' if distributed else ''})",
-                   position=rank, leave=True, disable=None)
+        bar = tqdm(total=sum(n for _, _, n in mine), unit="B", unit_scale=True,
+                   unit_divisor=1024, position=rank, leave=True, disable=None,
+                   desc=f"{desc} ({len({k for k, _, _ in mine})} tensors"
+                        f"{f', rank {rank}' if distributed else ''})")
     try:
-        planner = _StreamingSavePlanner({k: specs[k] for k in mine}, produce, bar)
-        # one tensor per file: FileSystemWriter keeps a file's tensors alive until it is closed
+        planner = _StreamingSavePlanner(specs, mine, produce, objects if rank == 0 else {}, bar)
+        # one item per file: FileSystemWriter keeps a file's tensors alive until it is closed
         writer = FileSystemWriter(directory, single_file_per_rank=False, sync_files=True,
                                   thread_count=1, overwrite=False)
-        dcp.save(state, storage_writer=writer, planner=planner, no_dist=not distributed)
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=not distributed)
     finally:
         if bar is not None:
             bar.close()
@@ -133,9 +181,3 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable[[str], torch
         fsync_path(directory)
     if distributed:
         dist.barrier()
-
-
-def spec_of(tensor: torch.Tensor) -> TensorSpec:
-    return TensorSpec(tuple(tensor.shape), tensor.dtype)
-
-
