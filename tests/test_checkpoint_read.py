@@ -3,6 +3,7 @@ Megatron-LM's legacy per-rank format, give the SAME global tensors, byte for byt
 
 One real run saves one state in several formats (tests/save_formats.py does the same at 2 ranks,
 see test_expand_2rank.py)."""
+import contextlib
 import os
 import shutil
 
@@ -11,6 +12,24 @@ import torch
 
 from conftest import megatron_run, tiny_moe_flags
 from legacy_format import save_legacy
+
+
+@contextlib.contextmanager
+def _sharding_type(name):
+    """Save the distributed optimizer's state as `name` (the pre-training script offers only
+    Megatron-LM's two current choices)."""
+    from megatron_sparkling.training import checkpointing
+
+    original = checkpointing.sharded_state_dict_metadata
+
+    def metadata(args):
+        return dict(original(args), distrib_optim_sharding_type=name)
+
+    checkpointing.sharded_state_dict_metadata = metadata
+    try:
+        yield
+    finally:
+        checkpointing.sharded_state_dict_metadata = original
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +48,10 @@ def saved(tmp_path_factory, corpus_prefix):
                 trainer.args.dist_ckpt_optim_fully_reshardable = fmt == "fully_reshardable"
                 out[distributed, fmt] = str(root / f"{distributed}_{fmt}")
                 trainer.save(out[distributed, fmt])
+            if distributed:  # the deprecated format megatron-core still writes on request
+                with _sharding_type("dp_zero_gather_scatter"):
+                    out[True, "dp_zero_gather_scatter"] = str(root / "dp_zero")
+                    trainer.save(out[True, "dp_zero_gather_scatter"])
             out[distributed, "legacy"] = str(root / f"{distributed}_legacy")
             save_legacy(trainer, out[distributed, "legacy"])
     return out
@@ -53,7 +76,7 @@ def test_every_distributed_optimizer_format_reads_the_same_model_space_state(sav
     reference = open_checkpoint(saved[True, "fully_reshardable"])
     assert reference.optimizer.format == "fully_reshardable"
     assert reference.optimizer.kinds == ("param", "exp_avg", "exp_avg_sq")
-    for fmt in ("dp_reshardable", "legacy"):
+    for fmt in ("dp_reshardable", "dp_zero_gather_scatter", "legacy"):
         other = open_checkpoint(saved[True, fmt])
         assert other.format == ("torch" if fmt == "legacy" else "torch_dist")
         _assert_same_state(reference, other)
@@ -132,3 +155,28 @@ def test_iteration_choice_and_clear_errors(saved, tmp_path):
     meta.write_text(meta.read_text().replace("torch_dist", "zarr"))
     with pytest.raises(CheckpointError, match="zarr checkpoint, not torch_dist; load it once"):
         open_checkpoint(str(tmp_path / "zarr"))
+
+
+def test_chained_optimizer_prefixes_are_read(saved, tmp_path):
+    """Older Megatron (no `chained_optim_avoid_prefix`) prefixes a ChainedOptimizer's model-space
+    keys with `chained_<i>.`; they read as the unprefixed ones."""
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.writer import write_torch_dist
+
+    source = open_checkpoint(saved[True, "fully_reshardable"])
+    renamed = {}
+    for key in source.dcp.tensors:
+        expert = ".experts." in key
+        new = f"chained_{int(expert)}.{key}" if key.startswith("optimizer.") else key
+        renamed[new] = key
+    target = tmp_path / "iter_0000003"
+    target.mkdir()
+    common = dict(source.common, content_metadata=dict(source.content_metadata,
+                                                       chained_optim_avoid_prefix=False))
+    write_torch_dist(str(target), {k: source.dcp.tensors[v] for k, v in renamed.items()},
+                     lambda k, layer: source.dcp.read_layer(renamed[k], layer), {}, common,
+                     progress=False)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
+    prefixed = open_checkpoint(str(tmp_path))
+    assert any(k.startswith("chained_1.optimizer.state.exp_avg.") for k in prefixed.dcp.tensors)
+    _assert_same_state(source, prefixed)

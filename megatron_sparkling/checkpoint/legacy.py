@@ -209,23 +209,15 @@ class LegacyOptimizerState(optimizer_state.OptimizerState):
         for lay in ckpt.layouts:
             for o_index, opt in enumerate(lay.optimizers):
                 for name, locator in self._locators(opt):
-                    by_key: dict[str, list] = {}
-                    for piece in lay.tensors[name].pieces:
-                        if piece.main:
-                            by_key.setdefault(piece.key, []).append(piece)
-                    for key, pieces in by_key.items():
+                    pieces_by_key = optimizer_state.main_pieces_by_key(lay.tensors[name])
+                    for key, pieces in pieces_by_key.items():
                         self._where.setdefault(key, []).append((lay.rank, o_index, locator,
                                                                 pieces, name))
         self.kinds = optimizer_state.KINDS
 
     def _locators(self, opt):
         if self._distributed:
-            for gbuf_idx, buffer in enumerate(opt.buffers):
-                offsets = [0]
-                for _, unpadded in buffer.buckets:
-                    offsets.append(offsets[-1] + unpadded)
-                for name, (bucket, start, end) in buffer.params.items():
-                    yield name, (gbuf_idx, offsets[bucket] + start, offsets[bucket] + end)
+            yield from optimizer_state.world_locators(opt)
         else:
             position = 0
             for g_index, names in enumerate(opt.group_params):

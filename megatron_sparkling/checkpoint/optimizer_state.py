@@ -10,6 +10,8 @@ Formats megatron-core 0.16.1 writes (content metadata `distrib_optim_sharding_ty
 - `fully_reshardable`: `optimizer.state.param.<key>`, `exp_avg`, `exp_avg_sq`;
 - `fully_sharded_model_space` (older name): `optimizer.state.fp32_param.<key>`, ... — read when
   its tensors are stored with the model's global shapes;
+- `dp_zero_gather_scatter` (deprecated): one object per model-parallel rank with the DP-gathered
+  buffers, mapped like `dp_reshardable` (but held in memory a rank at a time);
 - `dp_reshardable` (the default): flat per-bucket tensors
   `[chained_N.]optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_D.bucket_idx_K.<kind>`,
   mapped back to parameters through the DDP bucket layout rebuilt by `shadow` from the stored
@@ -120,11 +122,7 @@ class BucketSpaceState(OptimizerState):
                     for name, (bucket, start, end) in buffer.params.items():
                         stem = (f"{group}.gbuf_idx_{gbuf_idx}.dtype_{buffer.dtype_key}"
                                 f".bucket_idx_{bucket}")
-                        by_key: dict[str, list] = {}
-                        for piece in lay.tensors[name].pieces:
-                            if piece.main:
-                                by_key.setdefault(piece.key, []).append(piece)
-                        for key, pieces in by_key.items():
+                        for key, pieces in main_pieces_by_key(lay.tensors[name]).items():
                             self._sources.setdefault(key, []).append((stem, start, end, pieces))
         for key, sources in self._sources.items():
             covered = sum(_numel(p.size) for _, _, _, pieces in sources for p in pieces)
@@ -180,6 +178,75 @@ class BucketSpaceState(OptimizerState):
                 raise CheckpointError(
                     f"main parameters read from the buckets do not match the weights of {key}: "
                     f"the rebuilt bucket layout is wrong for this checkpoint; {RESAVE}")
+        return out
+
+
+def world_locators(opt):
+    """(local name, (gbuf_idx, start, end)) of every parameter in the DP-gathered "world"
+    tensors of one distributed optimizer (`get_parameter_state_dp_zero`: per buffer, the
+    buckets' unpadded ranges concatenated) — the layout of `dp_zero_gather_scatter` objects and
+    of legacy `distrib_optim.pt` files."""
+    for gbuf_idx, buffer in enumerate(opt.buffers):
+        offsets = [0]
+        for _, unpadded in buffer.buckets:
+            offsets.append(offsets[-1] + unpadded)
+        for name, (bucket, start, end) in buffer.params.items():
+            yield name, (gbuf_idx, offsets[bucket] + start, offsets[bucket] + end)
+
+
+def main_pieces_by_key(local) -> dict:
+    """The main-replica pieces of one local tensor, by global key."""
+    out: dict[str, list] = {}
+    for piece in local.pieces:
+        if piece.main:
+            out.setdefault(piece.key, []).append(piece)
+    return out
+
+
+class WorldTensorState(OptimizerState):
+    """`dp_zero_gather_scatter`: one ShardedObject per model-parallel rank and optimizer holding
+    its DP-gathered world tensors (the whole state of that rank: deprecated, not streamable),
+    mapped to parameters through the rebuilt buffers."""
+
+    format = "dp_zero_gather_scatter"
+
+    def __init__(self, dcp: DcpCheckpoint, layouts: list, param_groups: list, step,
+                 model_shapes: dict):
+        super().__init__(param_groups, step)
+        self._dcp = dcp
+        self._shapes = model_shapes
+        self._objects: dict[str, object] = {}
+        self._where: dict[str, list] = {}
+        for lay in layouts:
+            for opt in lay.optimizers:
+                unique = (f"{opt.prefix}optimizer.distributed.dp_group_idx_{opt.dp_group_idx}"
+                          ".param_state/shard_0_1")
+                if unique not in dcp.objects:
+                    raise CheckpointError(f"the checkpoint lacks {unique} that its rebuilt "
+                                          f"layout needs; {RESAVE}")
+                for name, locator in world_locators(opt):
+                    for key, pieces in main_pieces_by_key(lay.tensors[name]).items():
+                        self._where.setdefault(key, []).append((unique, locator, pieces))
+
+    @property
+    def keys(self) -> list:
+        return sorted(self._where)
+
+    def read(self, key: str, kind: str, layer: Optional[int] = None) -> torch.Tensor:
+        if key not in self._where:
+            raise CheckpointError(f"the checkpoint has no {kind} optimizer state for {key}")
+        shape = self._shapes[key] if layer is None else self._shapes[key][1:]
+        out = torch.empty(shape, dtype=torch.float32)
+        for unique, (gbuf_idx, start, end), pieces in self._where[key]:
+            placed = [(w, p) for p in pieces if (w := in_layer(p.global_slice, layer)) is not None]
+            if not placed:
+                continue
+            if unique not in self._objects:
+                self._objects[unique] = self._dcp.read_object(unique)
+            (world,) = self._objects[unique][gbuf_idx].values()
+            flat = world[kind][start:end]
+            for where, piece in placed:
+                out[where] = piece.view_of(flat)
         return out
 
 

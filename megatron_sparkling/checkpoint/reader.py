@@ -227,11 +227,13 @@ class TorchDistCheckpoint(SourceCheckpoint):
         shapes = {k: v.shape for k, v in self.model_tensors.items()}
         if fmt in ("none", "fully_reshardable", "fully_sharded_model_space"):
             return optimizer_state.ModelSpaceState(self.dcp, fmt, groups, step, shapes)
-        if fmt == "dp_reshardable":
+        if fmt in ("dp_reshardable", "dp_zero_gather_scatter"):
             from megatron_sparkling.checkpoint import shadow
 
             args = self.args
             layouts = shadow.build_layouts(args, shadow.representative_ranks(args))
+            if fmt == "dp_zero_gather_scatter":
+                return optimizer_state.WorldTensorState(self.dcp, layouts, groups, step, shapes)
             return optimizer_state.BucketSpaceState(self.dcp, layouts, groups, step,
                                                     self.read_model, shapes, self._verify)
         raise CheckpointError(f"optimizer state stored as {fmt!r} cannot be converted; "
