@@ -189,6 +189,21 @@ def test_existing_target_needs_overwrite(source, tmp_path, capsys):
     assert sorted(os.listdir(dst)) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
 
 
+def test_keep_rng_only_at_the_source_layout(source, tmp_path, capsys):
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+
+    src, _ = source
+    assert expand("--load", src, "--save", tmp_path / "a", "--keep-rng",
+                  "--target-tensor-model-parallel-size", 2) == 1
+    assert "--keep-rng needs the source's TP/PP/EP sizes" in _error(capsys)
+    assert expand("--load", src, "--save", tmp_path / "b", "--keep-rng") == 0
+    kept = open_checkpoint(str(tmp_path / "b"))
+    assert not kept.args.no_save_rng
+    original = open_checkpoint(src)
+    rng = [o for o in original.objects if o.startswith("rng_state/")]
+    assert rng and all(kept.read_object_bytes(o) == original.read_object_bytes(o) for o in rng)
+
+
 def _cli(argv, **kw):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.Popen([sys.executable, "-m", "megatron_sparkling.cli", "expand",
