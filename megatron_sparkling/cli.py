@@ -26,7 +26,7 @@ def expand_parser() -> argparse.ArgumentParser:
     sizes = p.add_argument_group("target sizes (default: the source's)")
     for flag in ("hidden-size", "ffn-hidden-size", "moe-ffn-hidden-size",
                  "moe-shared-expert-intermediate-size", "num-attention-heads",
-                 "num-query-groups", "num-experts", "moe-router-topk", "num-layers"):
+                 "num-query-groups", "num-experts", "moe-router-topk"):
         sizes.add_argument("--" + flag, type=int, default=None)
     g = p.add_argument_group("growth")
     g.add_argument("--method", default="sparkling", help="growth method (registry name)")
@@ -68,7 +68,7 @@ def expand_request(ns):
 
     names = ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size",
              "moe_shared_expert_intermediate_size", "num_attention_heads", "num_query_groups",
-             "num_experts", "moe_router_topk", "num_layers")
+             "num_experts", "moe_router_topk")
     sizes = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
     options = {}
     for item in ns.method_option:

@@ -11,6 +11,7 @@ chunks that cover it, so memory stays bounded by what is asked for. Nothing is e
 """
 from __future__ import annotations
 
+import bisect
 import io
 import os
 from dataclasses import dataclass
@@ -47,13 +48,29 @@ class TensorSpec:
         return self.numel * torch._utils._element_size(self.dtype)
 
 
+class _ChunkIndex:
+    """The saved chunks of one 1-D tensor sorted by offset, to find a region's chunks by
+    bisection (a flat bucket tensor of a big run has one chunk per parameter and rank)."""
+
+    def __init__(self, md: TensorStorageMetadata):
+        self.chunks = sorted(md.chunks, key=lambda c: c.offsets[0])
+        self.starts = [c.offsets[0] for c in self.chunks]
+
+    def overlapping(self, start: int, end: int) -> list:
+        first = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        last = bisect.bisect_left(self.starts, end)
+        return self.chunks[first:last]
+
+
 class _RegionPlanner(LoadPlanner):
     """Loads requested regions of global tensors into given buffers, and raw object bytes."""
 
-    def __init__(self, tensor_requests: dict, object_requests: Sequence[str]):
+    def __init__(self, tensor_requests: dict, object_requests: Sequence[str],
+                 chunk_index=None):
         self.tensor_requests = tensor_requests   # key -> (offsets, destination tensor)
         self.object_requests = list(object_requests)
         self.objects: dict[str, bytes] = {}
+        self._chunk_index = chunk_index
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
         self.metadata = metadata
@@ -62,8 +79,12 @@ class _RegionPlanner(LoadPlanner):
         items = []
         for key, (offsets, dest) in self.tensor_requests.items():
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
-            items += create_read_items_for_chunk_list(
-                key, self.metadata.state_dict_metadata[key], [chunk])
+            md = self.metadata.state_dict_metadata[key]
+            if len(md.size) == 1 and self._chunk_index is not None:
+                candidates = self._chunk_index(key).overlapping(offsets[0],
+                                                                offsets[0] + dest.shape[0])
+                md = TensorStorageMetadata(md.properties, md.size, candidates)
+            items += create_read_items_for_chunk_list(key, md, [chunk])
         for key in self.object_requests:
             index = MetadataIndex(key)
             items.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=index,
@@ -105,6 +126,7 @@ class DcpCheckpoint:
             raise CheckpointError(f"{path}/.metadata cannot be read ({type(e).__name__}); the "
                                   "checkpoint is damaged, copy it again from its source") from None
         self._reader.set_up_storage_reader(self.metadata, True)
+        self._chunk_indexes: dict[str, _ChunkIndex] = {}
         self.tensors: dict[str, TensorSpec] = {}
         self.objects: list[str] = []
         for key, md in self.metadata.state_dict_metadata.items():
@@ -153,8 +175,13 @@ class DcpCheckpoint:
         dest = torch.empty(sizes, dtype=spec.dtype)
         if dest.numel() == 0:
             return dest
-        self._load(_RegionPlanner({key: (offsets, dest)}, ()))
+        self._load(_RegionPlanner({key: (offsets, dest)}, (), self._chunk_index))
         return dest
+
+    def _chunk_index(self, key: str) -> _ChunkIndex:
+        if key not in self._chunk_indexes:
+            self._chunk_indexes[key] = _ChunkIndex(self.metadata.state_dict_metadata[key])
+        return self._chunk_indexes[key]
 
     def read_layer(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         """The global tensor `key`, or one slice of its leading (layer) axis, without that axis."""
