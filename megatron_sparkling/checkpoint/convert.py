@@ -235,7 +235,8 @@ class Conversion:
         src = self.src
         common = {k: v for k, v in src.common.items()
                   if k not in ("args", "optimizer", "opt_param_scheduler", "rng_state",
-                               "content_metadata", "sparkling", "model")}
+                               "content_metadata", "sparkling", "model",
+                               "rerun_state_machine")}  # tied to the source run's layout
         common["args"] = self.target_args
         common.setdefault("checkpoint_version", 3.0)
         common["iteration"] = src.common.get("iteration", src.iteration)

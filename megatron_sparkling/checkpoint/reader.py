@@ -175,9 +175,8 @@ class TorchDistCheckpoint(SourceCheckpoint):
         self.dcp = DcpCheckpoint(path)
         self.dcp.check_files()
         self.common = self._load_common()
-        model_keys = {k: v for k, v in self.dcp.tensors.items() if not k.startswith(
-            ("optimizer.", "chained_")) and not _is_optimizer_key(k)}
-        self.model_tensors = model_keys
+        self.model_tensors = {k: v for k, v in self.dcp.tensors.items()
+                              if not _is_optimizer_key(k)}
         self.objects = [o for o in self.dcp.objects if o.split("/")[0] != "common_state"]
         self._verify = verify
         self._optimizer_loaded = False
