@@ -308,3 +308,22 @@ def object_axes(key: str, swiglu: bool = True) -> tuple:
         m = _LAYER_KEY.match(owner)
         axes = (Axis.LAYER,) if m and m.group(1) is None else ()
     return axes or (Axis.ONE,)
+
+
+def layer_key(key: str, layer: int) -> str:
+    """The per-layer key of one layer of a stacked key, optimizer prefix kept:
+    `decoder.layers.mlp.router.weight` -> `decoder.layers.3.mlp.router.weight`. The converter
+    streams stacked tensors layer by layer under these keys (see checkpoint/convert.py)."""
+    prefix, model_key = split_state_key(key)
+    m = _LAYER_KEY.match(model_key)
+    if not m or m.group(1) is not None:
+        raise ValueError(f"{key!r} is not a stacked layer key (decoder.layers.<name>)")
+    return f"{prefix}decoder.layers.{layer}.{m.group(2)}"
+
+
+def is_stacked(key: str) -> bool:
+    """True for a key whose tensor has the layer index as its leading axis."""
+    try:
+        return resolve(split_state_key(key)[1]).stacked
+    except UnknownTensorError:
+        return False

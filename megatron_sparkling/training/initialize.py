@@ -98,7 +98,11 @@ def shutdown() -> None:
     from megatron.core import parallel_state as mpu
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
     destroy_num_microbatches_calculator()
+    # sized by the run's layer count: a later run in this process may have another
+    get_moe_layer_wise_logging_tracker().clear()
     mpu.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -1,0 +1,109 @@
+"""Benchmark: the converter's peak memory and speed on two model sizes 4x apart.
+
+    python bench/convert.py                     build two checkpoints, convert each, print figures
+    python bench/convert.py --measure SRC DST   convert one in this process, print JSON figures
+
+Each conversion is measured in its own process: after the checkpoint is opened and everything is
+validated (source layouts rebuilt, target shapes known), the RSS high-water mark is reset
+(/proc/self/clear_refs) and the streaming write runs; the figure is the high-water mark above
+the RSS at that point. The checkpoints are dp_reshardable (Megatron's default), converted to
+fully_reshardable with no size change: every tensor is read, mapped and written.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+SIZES = {  # 4x apart in parameters (experts dominate): 4x the layers
+    "small": dict(num_layers=2, hidden_size=256, moe_ffn_hidden_size=1024, num_experts=8),
+    "large": dict(num_layers=8, hidden_size=256, moe_ffn_hidden_size=1024, num_experts=8),
+}
+
+
+def _vm(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measure(load: str, save: str) -> dict:
+    from megatron_sparkling.checkpoint import convert
+    from megatron_sparkling.checkpoint.commit import StagedIteration
+    from megatron_sparkling.checkpoint.writer import work_items, write_torch_dist
+
+    req = convert.ExpandRequest(load=load, save=save, progress=False)
+    conv = convert.Conversion(req)
+    specs = conv.specs.values()
+    pieces = work_items(conv.specs, conv.layered())
+    open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark
+    base = _vm("VmRSS:")
+    start = time.time()
+    stage = StagedIteration(req.save, conv.common["iteration"])
+    write_torch_dist(stage.prepare(), conv.specs, conv.produce, conv.objects, conv.common,
+                     layered=conv.layered(), progress=False)
+    stage.commit()
+    return {"peak_bytes": _vm("VmHWM:") - base, "rss_before_bytes": base,
+            "largest_tensor_bytes": max(s.nbytes for s in specs),
+            "largest_piece_bytes": max(n for _, _, n in pieces),
+            "written_bytes": sum(s.nbytes for s in specs), "tensors": len(conv.specs),
+            "seconds": time.time() - start}
+
+
+def _build(root: str, corpus: str, size: dict) -> None:
+    from conftest import megatron_run, tiny_moe_flags
+
+    flags = tiny_moe_flags(corpus, train_iters=2, lr_warmup_iters=1, micro_batch_size=2,
+                           global_batch_size=2, use_distributed_optimizer=True, save=root, **size)
+    with megatron_run(flags) as trainer:
+        trainer.train(until_iteration=1)
+        trainer.save()
+
+
+def _measure_in_subprocess(src: str, dst: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", src, dst],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from megatron_sparkling.training import corpus
+
+    with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
+        prefix = os.path.join(tmp, "corpus", "stdlib_text_document")
+        corpus.build(corpus.stdlib_files(corpus.default_source_dir()), prefix, 300_000)
+        mib = 2 ** 20
+        print(f"{'model':>6} {'checkpoint':>11} {'largest tensor':>14} {'largest piece':>13} "
+              f"{'peak RSS':>9} {'time':>7} {'MiB/s':>7}")
+        rows = {}
+        for name, size in SIZES.items():
+            src, dst = os.path.join(tmp, name), os.path.join(tmp, name + "_out")
+            _build(src, prefix, size)
+            r = _measure_in_subprocess(src, dst)
+            rows[name] = r
+            print(f"{name:>6} {r['written_bytes'] / mib:>7.1f} MiB {r['largest_tensor_bytes'] / mib:>10.1f} "
+                  f"MiB {r['largest_piece_bytes'] / mib:>9.1f} MiB {r['peak_bytes'] / mib:>5.1f} MiB "
+                  f"{r['seconds']:>6.1f}s {r['written_bytes'] / mib / r['seconds']:>7.1f}", flush=True)
+        s, l = rows["small"], rows["large"]
+        print(f"checkpoint grew {l['written_bytes'] / s['written_bytes']:.2f}x, converter peak "
+              f"grew {l['peak_bytes'] / s['peak_bytes']:.2f}x (largest streamed piece "
+              f"{l['largest_piece_bytes'] / s['largest_piece_bytes']:.2f}x); the peak is "
+              f"{100 * l['peak_bytes'] / l['written_bytes']:.0f}% of the large checkpoint")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--measure", nargs=2, metavar=("SRC", "DST"))
+    ns = p.parse_args()
+    if ns.measure:
+        print(json.dumps(measure(*ns.measure)))
+    else:
+        main()

@@ -1,0 +1,378 @@
+"""Read a Megatron checkpoint, grow it tensor by tensor, write a torch_dist checkpoint.
+
+The pipeline behind `megatron-sparkling expand`:
+
+1. open the source (any format `reader` knows) and check that its args describe its tensors;
+2. validate the growth (spec.validate, the method's own checks, every key in the layout table)
+   and the target parallel layout, rebuild the target run's model and optimizer on the meta
+   device (`shadow`) for the global shapes and param groups Megatron will ask for — all BEFORE
+   a byte is written;
+3. stream: every model tensor and every optimizer-state tensor is read as ONE global tensor,
+   passed through `Grower.grow(key, tensor, kind)` (skipped when no size changes: a plain format
+   conversion) and written (`writer`), into a staging folder beside the target. Tensors stacked
+   over layers (`decoder.layers.<name>`, shape (L, ...)) are streamed one layer at a time, grown
+   under their per-layer keys (`decoder.layers.<i>.<name>`), so memory is bounded by one layer's
+   slice, not by the model's depth (unless the layer count itself grows);
+4. publish atomically (`commit`): rename into `iter_N`, then the tracker file.
+
+Written format: optimizer state in MODEL SPACE as `fully_reshardable` (`optimizer.state.param /
+exp_avg / exp_avg_sq.<key>`, fp32, global shapes), so Megatron loads it at any TP/EP/PP/DP with
+or without the distributed optimizer; the param groups are shaped for the target's expert-
+parallel size (`optimizer_common`). The RNG state is dropped unless asked to keep it (it only
+loads at the same TP/PP, and a grown model draws different dropout masks anyway); the stored
+args then say `no_save_rng`, so Megatron skips it by itself.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron_sparkling import layout as layout_lib
+from megatron_sparkling.checkpoint import optimizer_common, shadow
+from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
+from megatron_sparkling.checkpoint.dcp import TensorSpec
+from megatron_sparkling.checkpoint.reader import open_checkpoint
+from megatron_sparkling.checkpoint.writer import write_torch_dist
+from megatron_sparkling.spec import GrowthSpec, ModelShape, ParallelLayout, validate
+from megatron_sparkling.training.checkpointing import CheckpointError
+
+OPTIMIZER_PREFIX = "optimizer.state.{kind}."
+WRITTEN_KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class ExpandRequest:
+    load: str
+    save: str
+    iteration: Optional[int] = None
+    sizes: dict = field(default_factory=dict)          # ModelShape field -> target value
+    method: str = "sparkling"
+    method_instance: object = None                     # a GrowthMethod (else by name)
+    seed: int = 1234
+    options: dict = field(default_factory=dict)
+    tensor_parallel: Optional[int] = None              # target layout (default: the source's)
+    pipeline_parallel: Optional[int] = None
+    expert_parallel: Optional[int] = None
+    expert_tensor_parallel: Optional[int] = None
+    rewarmup_iters: Optional[int] = None
+    rewarmup_peak_ratio: Optional[float] = None
+    keep_rng: bool = False
+    drop_optimizer: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExpandResult:
+    path: str
+    iteration: int
+    grown: bool
+    source_format: str
+    optimizer_format: Optional[str]
+    tensors: int
+    bytes_written: int
+    seconds: float
+    rng_kept: bool
+    relaunch_flags: list
+
+
+class Conversion:
+    """Everything decided and checked before writing (see the module docstring, steps 1-2)."""
+
+    def __init__(self, req: ExpandRequest):
+        self.req = req
+        check_target(req.save, req.load, req.overwrite)
+        self.src = open_checkpoint(req.load, req.iteration)
+        self.src.check_args_match_tensors()
+        args = self.src.args
+        self.source_shape = ModelShape.from_args(args)
+        self.target_shape = self.source_shape.replace(**req.sizes)
+        self.parallel = ParallelLayout(
+            tensor=req.tensor_parallel or args.tensor_model_parallel_size,
+            pipeline=req.pipeline_parallel or args.pipeline_model_parallel_size,
+            expert=req.expert_parallel or (getattr(args, "expert_model_parallel_size", 1) or 1),
+            expert_tensor=req.expert_tensor_parallel or getattr(
+                args, "expert_tensor_parallel_size", None))
+        self.spec = GrowthSpec(self.source_shape, self.target_shape, req.method, req.seed,
+                               dict(req.options))
+        validate(self.spec, self.parallel)
+        self.grown = bool(self.spec.grown_axes())
+        self.grower = self._grower() if self.grown else None
+        self.keep_rng = req.keep_rng and self._rng_loadable()
+        self.optimizer = None if req.drop_optimizer else self.src.optimizer
+        self.target_args = self._target_args()
+        target_run = shadow.run_args(self.target_args)
+        self._target = shadow.build_layouts(target_run, shadow.stage_ranks(target_run),
+                                            with_optimizer=True, exact=False)
+        self.specs = self._tensor_specs()
+        self.objects = self._objects()
+        self.common = self._common()
+
+    # ------------------------------------------------------------------ decisions
+    def _grower(self):
+        from megatron_sparkling.methods.base import Grower
+
+        try:
+            grower = Grower(self.spec, self.req.method_instance)
+        except ValueError as e:  # unknown method or option
+            raise CheckpointError(str(e)) from None
+        for key in self.src.model_tensors:
+            if not layout_lib.is_extra_state(key):
+                try:
+                    grower.layout(key)
+                except layout_lib.UnknownTensorError as e:
+                    raise CheckpointError(f"{e}; it cannot be grown") from None
+        return grower
+
+    def _rng_loadable(self) -> bool:
+        args, p = self.src.args, self.parallel
+        same = (args.tensor_model_parallel_size == p.tensor
+                and args.pipeline_model_parallel_size == p.pipeline
+                and (getattr(args, "expert_model_parallel_size", 1) or 1) == p.expert)
+        if not same:
+            raise CheckpointError("--keep-rng needs the source's TP/PP/EP sizes (Megatron loads "
+                                  "the RNG state only at the same layout); drop --keep-rng")
+        return True
+
+    def _target_args(self):
+        args = self.target_shape.apply_to_args(self.src.args)
+        p = self.parallel
+        args.tensor_model_parallel_size = p.tensor
+        args.pipeline_model_parallel_size = p.pipeline
+        args.expert_model_parallel_size = p.expert
+        if p.expert_tensor is not None:
+            args.expert_tensor_parallel_size = p.expert_tensor
+        args = shadow.run_args(args)  # consistent derived sizes (world, DP, sequence parallel)
+        if not self.keep_rng:
+            args.no_save_rng = True
+        if self.optimizer is None:
+            args.no_save_optim = True
+        return args
+
+    def _tensor_specs(self) -> dict:
+        target_shapes: dict = {}
+        for lay in self._target:
+            target_shapes.update(lay.global_shapes)
+        source_keys = set(self.src.model_tensors)
+        if set(target_shapes) != source_keys:
+            extra = sorted(set(target_shapes) - source_keys)[:3]
+            lacking = sorted(source_keys - set(target_shapes))[:3]
+            raise CheckpointError(f"the target model's tensors differ from the source's (target "
+                                  f"only: {extra}, source only: {lacking}); the growth would "
+                                  "change the architecture, keep the other flags as in the source")
+        specs = {k: TensorSpec(tuple(target_shapes[k]), self.src.model_tensors[k].dtype)
+                 for k in sorted(source_keys)}
+        if self.optimizer is not None:
+            params = {name: t for lay in self._target for name, t in lay.tensors.items()}
+            param_keys = {p.key for t in params.values() if t.is_param for p in t.pieces}
+            missing = sorted(param_keys - set(self.optimizer.keys))
+            if missing:
+                raise CheckpointError(f"the checkpoint has no optimizer state for {missing[:3]}; "
+                                      "pass --no-optimizer to convert without it")
+            for key in self.optimizer.keys:
+                if key not in specs:
+                    raise CheckpointError(f"optimizer state for {key}, which is no model tensor; "
+                                          "the checkpoint is inconsistent, re-save it")
+                for kind in WRITTEN_KINDS:
+                    specs[OPTIMIZER_PREFIX.format(kind=kind) + key] = TensorSpec(
+                        specs[key].shape, torch.float32)
+        return specs
+
+    def _objects(self) -> dict:
+        """unique key -> bytes of the ShardedObjects to write."""
+        out = {}
+        extra: dict[str, dict] = {}
+        counts_grow = self.grown and any(a in (layout_lib.Axis.EXPERT, layout_lib.Axis.LAYER)
+                                         for a in self.spec.grown_axes())
+        for unique in self.src.objects:
+            key = unique.split("/shard_")[0]
+            if key == "rng_state":
+                if self.keep_rng:
+                    out[unique] = self.src.read_object_bytes(unique)
+            elif key.startswith(("optimizer.", "chained_")):
+                continue  # bucket-space bookkeeping; the written optimizer state is model space
+            elif layout_lib.is_extra_state(key) and counts_grow:
+                extra.setdefault(key, {})[unique] = None
+            else:  # object keys depend only on layer and expert counts
+                out[unique] = self.src.read_object_bytes(unique)
+        if extra:
+            out.update(self._grown_extra_state(extra))
+        return out
+
+    def _grown_extra_state(self, extra: dict) -> dict:
+        """`_extra_state` objects (TE FP8 metadata; None with the local spec) of a model whose
+        expert or layer count grew: one per grown unit, copied from its source unit."""
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        from megatron_sparkling.checkpoint.reader import object_bytes
+
+        out = {}
+        if hasattr(self.grower, "grow_objects"):
+            for key, uniques in extra.items():
+                data = {u: self.src.read_object(u) for u in uniques}
+                for unique, value in self.grower.grow_objects(key, data).items():
+                    out[unique] = object_bytes(value)
+            return out
+        # a Grower without object growth: the target model's objects (every rank of its layout),
+        # each taking the source object at its position modulo the source's counts
+        target_run = shadow.run_args(self.target_args)
+        layouts = shadow.build_layouts(target_run, shadow.representative_ranks(target_run),
+                                       with_optimizer=False, exact=False)
+        for unique in dict.fromkeys(u for lay in layouts for u in lay.objects):
+            obj = ShardedObject.empty_from_unique_key(unique)
+            if obj.key not in extra:
+                continue
+            source = ShardedObject.empty_from_unique_key(next(iter(extra[obj.key])))
+            offset = tuple(o % s for o, s in zip(obj.global_offset, source.global_shape))
+            src_unique = ShardedObject(obj.key, None, source.global_shape, offset).unique_key
+            out[unique] = self.src.read_object_bytes(src_unique)
+        return out
+
+    def _common(self) -> dict:
+        src = self.src
+        common = {k: v for k, v in src.common.items()
+                  if k not in ("args", "optimizer", "opt_param_scheduler", "rng_state",
+                               "content_metadata", "sparkling", "model",
+                               "rerun_state_machine")}  # tied to the source run's layout
+        common["args"] = self.target_args
+        common.setdefault("checkpoint_version", 3.0)
+        common["iteration"] = src.common.get("iteration", src.iteration)
+        common.setdefault("num_floating_point_operations_so_far", 0)
+        metadata = {k: v for k, v in src.content_metadata.items()
+                    if not k.startswith("distrib_optim")}
+        if self.optimizer is not None:
+            groups = optimizer_groups(self._target)
+            common["optimizer"] = optimizer_common.build(
+                groups, self.optimizer.param_groups, self.optimizer.step,
+                optimizer_common.find_grad_scaler(src.common.get("optimizer")))
+            if "opt_param_scheduler" in src.common:
+                common["opt_param_scheduler"] = src.common["opt_param_scheduler"]
+            metadata.update(optimizer_common.CONTENT_METADATA)
+        else:
+            metadata.update({k: v for k, v in optimizer_common.CONTENT_METADATA.items()
+                             if not k.startswith("distrib_optim")})
+        common["content_metadata"] = metadata
+        record = {"source": {"path": src.path, "format": src.format, "iteration": src.iteration,
+                             "optimizer_format": getattr(self.optimizer, "format", None)},
+                  "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if self.grown:
+            record["growth"] = self.grower.record()
+            record["rewarmup"] = {"iters": self.req.rewarmup_iters,
+                                  "peak_ratio": self.req.rewarmup_peak_ratio,
+                                  "start_iteration": common["iteration"]}
+        common["sparkling"] = record
+        return common
+
+    # ------------------------------------------------------------------ streaming
+    def layered(self) -> dict:
+        """Keys streamed one layer at a time: stacked keys, unless the layer count grows."""
+        if layout_lib.Axis.LAYER in self.spec.grown_axes():
+            return {}
+        return {k: True for k in self.specs if layout_lib.is_stacked(k)}
+
+    def produce(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """One target tensor, or one layer of a stacked one, grown under its per-layer key."""
+        prefix, model_key = layout_lib.split_state_key(key)
+        if not prefix:
+            kind, tensor = "param", self.src.read_model(key, layer)
+        else:
+            kind = prefix[len("optimizer.state."):-1]
+            if kind in self.optimizer.kinds:
+                tensor = self.optimizer.read(model_key, kind, layer)
+            elif kind == "param":  # no distributed optimizer, fp32 params: the weights
+                tensor = self.src.read_model(model_key, layer).float()
+            else:
+                raise CheckpointError(f"the checkpoint has no {kind} state for {model_key}")
+        if self.grower is not None:
+            grow_key = key if layer is None else layout_lib.layer_key(key, layer)
+            tensor = self.grower.grow(grow_key, tensor, kind)
+        return tensor.to(self.specs[key].dtype)
+
+    def relaunch_flags(self) -> list:
+        t = self.target_shape
+        flags = ["--load", self.req.save, "--hidden-size", t.hidden_size,
+                 "--num-attention-heads", t.num_attention_heads, "--kv-channels", t.kv_channels]
+        if t.num_query_groups != t.num_attention_heads or getattr(
+                self.src.args, "group_query_attention", False):
+            flags += ["--group-query-attention", "--num-query-groups", t.num_query_groups]
+        flags += ["--ffn-hidden-size", t.ffn_hidden_size]
+        if t.num_experts:
+            flags += ["--num-experts", t.num_experts, "--moe-ffn-hidden-size",
+                      t.moe_ffn_hidden_size, "--moe-router-topk", t.moe_router_topk]
+        if t.moe_shared_expert_intermediate_size:
+            flags += ["--moe-shared-expert-intermediate-size",
+                      t.moe_shared_expert_intermediate_size]
+        p = self.parallel
+        flags += ["--tensor-model-parallel-size", p.tensor,
+                  "--pipeline-model-parallel-size", p.pipeline,
+                  "--expert-model-parallel-size", p.expert]
+        if not self.keep_rng:
+            flags.append("--no-load-rng")
+        if self.optimizer is None:
+            flags.append("--no-load-optim")
+        if self.grown and self.req.rewarmup_iters:
+            flags += ["--rewarmup-iters", self.req.rewarmup_iters]
+            if self.req.rewarmup_peak_ratio is not None:
+                flags += ["--rewarmup-peak-ratio", self.req.rewarmup_peak_ratio]
+        return [str(f) for f in flags]
+
+
+def optimizer_groups(target_layouts) -> list:
+    """Param-group options per chained optimizer of the target run, unioned over its stages."""
+    per_optimizer: list[list] = []
+    for lay in target_layouts:
+        for i, opt in enumerate(lay.optimizers):
+            while len(per_optimizer) <= i:
+                per_optimizer.append([])
+            for g in opt.groups:
+                ident = tuple(optimizer_common._get(g, k) for k in optimizer_common.IDENTITY)
+                if all(tuple(optimizer_common._get(h, k) for k in optimizer_common.IDENTITY)
+                       != ident for h in per_optimizer[i]):
+                    per_optimizer[i].append(g)
+    return per_optimizer
+
+
+def expand(req: ExpandRequest) -> ExpandResult:
+    """Run one conversion (collective under torchrun: every rank calls it)."""
+    import torch.distributed as dist
+
+    start = time.time()
+    conv = Conversion(req)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    stage = StagedIteration(req.save, conv.common["iteration"], conv.src.release, req.overwrite,
+                            source=req.load)
+    box = [None]
+    if rank == 0:
+        try:
+            box[0] = stage.prepare()
+        except CheckpointError as e:
+            box[0] = e
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], CheckpointError):
+        raise box[0]
+    stage.staging = box[0]
+    try:
+        write_torch_dist(stage.staging, conv.specs, conv.produce, conv.objects, conv.common,
+                         layered=conv.layered(), progress=req.progress,
+                         desc="growing" if conv.grown else "converting")
+        if rank == 0:
+            stage.commit()
+        if distributed:
+            dist.barrier()
+    except BaseException:
+        if rank == 0:
+            stage.abort()
+        raise
+    return ExpandResult(
+        path=stage.final, iteration=conv.common["iteration"], grown=conv.grown,
+        source_format=conv.src.format,
+        optimizer_format=None if conv.optimizer is None else conv.optimizer.format,
+        tensors=len(conv.specs), bytes_written=sum(s.nbytes for s in conv.specs.values()),
+        seconds=time.time() - start, rng_kept=conv.keep_rng,
+        relaunch_flags=conv.relaunch_flags())
+

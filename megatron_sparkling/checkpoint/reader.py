@@ -1,0 +1,250 @@
+"""Open any Megatron checkpoint and read it one global tensor at a time, never writing to it.
+
+    ckpt = open_checkpoint("/runs/stage1/checkpoints")            # tracker file picks the iteration
+    ckpt = open_checkpoint("/runs/stage1/checkpoints", iteration=2000)
+    ckpt.format, ckpt.iteration, ckpt.args, ckpt.common, ckpt.content_metadata
+    ckpt.model_tensors        {global key: TensorSpec(shape, dtype)}
+    ckpt.read_model(key)      one global tensor
+    ckpt.objects              ShardedObject unique keys (rng_state, _extra_state, ...)
+    ckpt.optimizer            model-space OptimizerState (None without optimizer state)
+
+Formats: torch_dist (megatron-core dist_checkpointing: common state in `common.pt`, or in the
+`common_state` ShardedObject newer Megatron writes) and Megatron-LM's legacy per-rank `torch`
+format (`mp_rank_XX[_YYY][_ZZZ]/model_optim_rng.pt` + `distrib_optim.pt`, see `legacy`).
+Anything else is refused with a one-line message saying how to re-save it.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_sparkling import layout as layout_lib
+from megatron_sparkling.checkpoint.dcp import DcpCheckpoint, TensorSpec
+from megatron_sparkling.checkpoint import optimizer_state
+from megatron_sparkling.spec import ModelShape
+from megatron_sparkling.training.checkpointing import (
+    TRACKER,
+    CheckpointError,
+    iteration_dir,
+    read_tracker,
+)
+
+CONVERT_HINT = ("load it once in Megatron-LM and save it with --ckpt-format torch_dist "
+                "(e.g. --ckpt-convert-format torch_dist --ckpt-convert-save DIR)")
+
+
+def locate(root: str, iteration: Optional[int] = None) -> tuple[str, int, bool]:
+    """(iteration directory, iteration, release) of a checkpoint root."""
+    if not os.path.isdir(root):
+        raise CheckpointError(f"--load {root} does not exist; point it at a checkpoint directory "
+                              f"(the one holding {TRACKER})")
+    if iteration is not None:
+        path = iteration_dir(root, iteration)
+        if not os.path.isdir(path):
+            found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "iter_*")))
+            raise CheckpointError(f"{path} does not exist; choose --iteration among "
+                                  f"{', '.join(found) or 'none (no iter_* directory)'}")
+        return path, iteration, False
+    it, release = read_tracker(root)
+    if it < 0:
+        if _is_checkpoint_dir(root):  # pointed straight at an iter_* directory
+            name = os.path.basename(os.path.normpath(root))
+            number = int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else 0
+            return root, number, name == "release"
+        raise CheckpointError(f"{root} has no {TRACKER}; pass --iteration N to pick an iter_* "
+                              "directory, or point --load at a checkpoint root")
+    path = iteration_dir(root, it, release)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{TRACKER} in {root} names iteration {it} but {path} is missing; "
+                              "pass --iteration N for a checkpoint that exists")
+    return path, it, release
+
+
+def _is_checkpoint_dir(path: str) -> bool:
+    return (os.path.isfile(os.path.join(path, "metadata.json"))
+            or bool(glob.glob(os.path.join(path, "mp_rank_*"))))
+
+
+def open_checkpoint(root: str, iteration: Optional[int] = None, verify: bool = True):
+    """The checkpoint under `root` (see the module docstring); refuses unknown formats."""
+    path, it, release = locate(root, iteration)
+    meta_json = os.path.join(path, "metadata.json")
+    if os.path.isfile(meta_json):
+        try:
+            backend = json.load(open(meta_json)).get("sharded_backend")
+        except (ValueError, OSError):
+            raise CheckpointError(f"{meta_json} is not valid JSON; the checkpoint is damaged, "
+                                  "copy it again") from None
+        if backend != "torch_dist":
+            raise CheckpointError(f"{path} is a {backend} checkpoint, not torch_dist; {CONVERT_HINT}")
+        return TorchDistCheckpoint(path, it, release, verify=verify)
+    if glob.glob(os.path.join(path, "mp_rank_*")):
+        from megatron_sparkling.checkpoint.legacy import LegacyCheckpoint
+
+        return LegacyCheckpoint(path, it, release, verify=verify)
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path} is a plain torch_dcp/fsdp_dtensor checkpoint (no "
+                              f"metadata.json), not torch_dist; {CONVERT_HINT}")
+    raise CheckpointError(f"{path} is neither a torch_dist checkpoint (metadata.json) nor "
+                          "Megatron-LM's legacy torch format (mp_rank_*/model_optim_rng.pt); "
+                          "point --load at a Megatron checkpoint root")
+
+
+class SourceCheckpoint:
+    """What every checkpoint reader offers (see the module docstring)."""
+
+    format = ""
+
+    def __init__(self, path: str, iteration: int, release: bool):
+        self.path = path
+        self.iteration = iteration
+        self.release = release
+        self.common: dict = {}
+        self.model_tensors: dict[str, TensorSpec] = {}
+        self.objects: list[str] = []
+        self.optimizer: Optional[optimizer_state.OptimizerState] = None
+
+    @property
+    def args(self):
+        args = self.common.get("args")
+        if args is None:
+            raise CheckpointError(f"{self.path} stores no args; growth needs the model's sizes: "
+                                  "re-save it with Megatron-LM (which stores args)")
+        return args
+
+    @property
+    def content_metadata(self) -> dict:
+        return dict(self.common.get("content_metadata") or {})
+
+    def read_model(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """One global model tensor, or its slice of one layer (a stacked key's leading axis)."""
+        raise NotImplementedError
+
+    def read_object_bytes(self, unique_key: str) -> bytes:
+        raise NotImplementedError
+
+    def files(self) -> list[str]:
+        """Every file of the checkpoint (the converter hashes them to prove it wrote none)."""
+        out = []
+        for dirpath, _, names in os.walk(self.path):
+            out += [os.path.join(dirpath, n) for n in names]
+        return sorted(out)
+
+    def check_args_match_tensors(self) -> None:
+        """The stored args describe the stored tensors (refuse a mismatch before any work)."""
+        shape = ModelShape.from_args(self.args)
+        for key, spec in self.model_tensors.items():
+            expected = expected_shape(key, shape)
+            if expected is not None and expected != spec.shape:
+                raise CheckpointError(
+                    f"{key} is stored with shape {spec.shape} but the stored args "
+                    f"(hidden_size={shape.hidden_size}, num_attention_heads="
+                    f"{shape.num_attention_heads}, num_query_groups={shape.num_query_groups}, "
+                    f"moe_ffn_hidden_size={shape.moe_ffn_hidden_size}, num_experts="
+                    f"{shape.num_experts}) give {expected}; the checkpoint's args do not "
+                    "describe its tensors: fix `args` in the checkpoint")
+
+
+def expected_shape(key: str, shape: ModelShape) -> Optional[tuple]:
+    """A model key's global shape under `shape` (layout table); None for keys it does not know."""
+    if layout_lib.is_extra_state(key):
+        return None
+    try:
+        lay = layout_lib.resolve(key, shape.swiglu)
+    except layout_lib.UnknownTensorError:
+        return None
+    sizes = []
+    for dim in lay.dims:
+        size = shape.axis_size(dim.axis)
+        if size is None:
+            return None
+        sizes.append(2 * size if dim.packing is layout_lib.Packing.GLU else size)
+    return tuple(sizes)
+
+
+class TorchDistCheckpoint(SourceCheckpoint):
+    format = "torch_dist"
+
+    def __init__(self, path: str, iteration: int, release: bool, verify: bool = True):
+        super().__init__(path, iteration, release)
+        self.dcp = DcpCheckpoint(path)
+        self.dcp.check_files()
+        self.common = self._load_common()
+        self.model_tensors = {k: v for k, v in self.dcp.tensors.items()
+                              if not _is_optimizer_key(k)}
+        self.objects = [o for o in self.dcp.objects if o.split("/")[0] != "common_state"]
+        self._verify = verify
+        self._optimizer_loaded = False
+
+    def _load_common(self) -> dict:
+        common_pt = os.path.join(self.path, "common.pt")
+        if os.path.isfile(common_pt):
+            from megatron.core import dist_checkpointing
+
+            try:
+                return dist_checkpointing.load_common_state_dict(self.path)
+            except Exception as e:
+                raise CheckpointError(f"{common_pt} cannot be read ({type(e).__name__}); the "
+                                      "checkpoint is damaged, copy it again") from None
+        unique = next((o for o in self.dcp.objects if o.split("/")[0] == "common_state"), None)
+        if unique is None:
+            raise CheckpointError(f"{self.path} has neither common.pt nor a common_state object; "
+                                  "the checkpoint is incomplete, copy it again")
+        return self.dcp.read_object(unique)
+
+    # ------------------------------------------------------------------ reads
+    def read_model(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        return self.dcp.read_layer(key, layer)
+
+    def read_object_bytes(self, unique_key: str) -> bytes:
+        return self.dcp.read_object_bytes(unique_key)
+
+    def read_object(self, unique_key: str):
+        return self.dcp.read_object(unique_key)
+
+    @property
+    def optimizer(self):
+        if not self._optimizer_loaded:
+            self._optimizer = self._open_optimizer()
+            self._optimizer_loaded = True
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, value):
+        self._optimizer, self._optimizer_loaded = value, value is not None
+
+    def _open_optimizer(self):
+        fmt = optimizer_state.sharding_type(self.common, self.dcp)
+        if fmt is None:
+            return None
+        groups, step = optimizer_state.param_groups_and_step(self.common, self.dcp)
+        shapes = {k: v.shape for k, v in self.model_tensors.items()}
+        if fmt in ("none", "fully_reshardable", "fully_sharded_model_space"):
+            return optimizer_state.ModelSpaceState(self.dcp, fmt, groups, step, shapes)
+        if fmt in ("dp_reshardable", "dp_zero_gather_scatter"):
+            from megatron_sparkling.checkpoint import shadow
+
+            args = self.args
+            layouts = shadow.build_layouts(args, shadow.representative_ranks(args))
+            if fmt == "dp_zero_gather_scatter":
+                return optimizer_state.WorldTensorState(self.dcp, layouts, groups, step, shapes)
+            return optimizer_state.BucketSpaceState(self.dcp, layouts, groups, step,
+                                                    self.read_model, shapes, self._verify)
+        raise CheckpointError(f"optimizer state stored as {fmt!r} cannot be converted; "
+                              f"{optimizer_state.RESAVE}, or pass --no-optimizer to drop it")
+
+
+def _is_optimizer_key(key: str) -> bool:
+    return bool(optimizer_state._MODEL_SPACE.match(key) or optimizer_state._BUCKET.match(key))
+
+
+def object_bytes(data) -> bytes:
+    """A ShardedObject's data serialized the way megatron-core stores it in torch_dist."""
+    buf = io.BytesIO()
+    torch.save([data], buf)
+    return buf.getvalue()

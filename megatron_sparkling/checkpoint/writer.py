@@ -1,0 +1,183 @@
+"""Write a torch_dist checkpoint STREAMING: each global tensor is produced only when written.
+
+The tensors are declared up front by key, global shape and dtype; their data comes from a
+callable `produce(key, layer)` that is called once per tensor, or once per layer slice for
+tensors stacked over layers (megatron-core stores every layer's weights of one kind as ONE
+global tensor `(L, ...)`, so whole tensors would grow with the model's depth), while PyTorch's
+DCP writer works through them; each piece is dropped right after it is on disk (one piece per
+`.distcp` file, so the writer keeps no file's worth of tensors alive). Peak memory is therefore
+the largest produced piece plus what `produce` needs to make it, whatever the checkpoint's size.
+
+The result is what megatron-core's dist_checkpointing loads at ANY TP/EP/PP/DP layout:
+- `.metadata` + `__R_K.distcp`: every tensor under its global key with its global shape (one
+  chunk each), ShardedObjects as bytes under their unique keys (`torch.save([data])`);
+- `common.pt`: the non-tensor state (args, iteration, optimizer param groups, ...);
+- `metadata.json`: `{"sharded_backend": "torch_dist", ...}`, written last.
+Under torchrun the tensors are split among the ranks (balanced by bytes): each rank produces
+and writes its share, DCP's coordinator (rank 0) writes the index. Every file is fsynced.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import (
+    BytesIOWriteData,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+
+TORCH_DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                     "common_backend": "torch", "common_backend_version": 1}
+
+
+class ProducedTensorError(ValueError):
+    """A produced tensor does not have the declared shape or dtype."""
+
+
+def work_items(specs: dict, layered: dict) -> list[tuple]:
+    """(key, layer or None, nbytes) for every piece that is produced and written on its own:
+    a key listed in `layered` is written one leading-axis slice (one layer) at a time."""
+    items = []
+    for key in sorted(specs):
+        spec = specs[key]
+        if layered.get(key):
+            per_layer = spec.nbytes // spec.shape[0]
+            items += [(key, i, per_layer) for i in range(spec.shape[0])]
+        else:
+            items.append((key, None, spec.nbytes))
+    return items
+
+
+class _StreamingSavePlanner(DefaultSavePlanner):
+    """DCP save planner whose tensor chunks are produced on demand in `resolve_data`."""
+
+    def __init__(self, specs: dict, items: list, produce, objects: dict, progress=None):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._specs = specs
+        self._items = items
+        self._produce = produce
+        self._objects = objects
+        self._progress = progress
+
+    def create_local_plan(self) -> SavePlan:
+        writes = []
+        for key, layer, _ in self._items:
+            spec = self._specs[key]
+            if layer is None:
+                offsets, sizes, kind = (0,) * len(spec.shape), spec.shape, WriteItemType.TENSOR
+            else:
+                offsets = (layer,) + (0,) * (len(spec.shape) - 1)
+                sizes, kind = (1,) + tuple(spec.shape[1:]), WriteItemType.SHARD
+            writes.append(WriteItem(
+                index=MetadataIndex(key, offsets), type=kind,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(offsets),
+                                               sizes=torch.Size(sizes)),
+                    properties=TensorProperties(dtype=spec.dtype), size=torch.Size(spec.shape))))
+        for key, data in self._objects.items():
+            writes.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO,
+                                    bytes_io_data=BytesIOWriteData(len(data))))
+        self.plan = SavePlan(writes)
+        return self.plan
+
+    def resolve_data(self, write_item):
+        key = write_item.index.fqn
+        if write_item.type == WriteItemType.BYTE_IO:
+            # already megatron-core's serialized form (torch.save([data])): written as is
+            return io.BytesIO(self._objects[key])
+        spec, chunk = self._specs[key], write_item.tensor_data.chunk
+        layer = None if write_item.type == WriteItemType.TENSOR else int(chunk.offsets[0])
+        tensor = self._produce(key, layer)
+        expected = tuple(chunk.sizes) if layer is None else tuple(chunk.sizes)[1:]
+        if tuple(tensor.shape) != expected or tensor.dtype != spec.dtype:
+            where = "" if layer is None else f" layer {layer}"
+            raise ProducedTensorError(
+                f"{key}{where}: produced {tuple(tensor.shape)} {tensor.dtype}, the checkpoint "
+                f"declares {expected} {spec.dtype}")
+        if self._progress is not None:
+            self._progress.update(tensor.numel() * tensor.element_size())
+            self._progress.set_postfix_str(key[-60:], refresh=False)
+        return tensor.detach().to("cpu").contiguous().view(tuple(chunk.sizes))
+
+
+def split_among_ranks(items: list, world: int) -> list[list]:
+    """Work items per rank, balanced by bytes (largest first onto the least loaded rank)."""
+    shares: list[list] = [[] for _ in range(world)]
+    loads = [0] * world
+    for item in sorted(items, key=lambda it: (-it[2], it[0], -1 if it[1] is None else it[1])):
+        r = loads.index(min(loads))
+        shares[r].append(item)
+        loads[r] += item[2]
+    return shares
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: dict,
+                     common: dict, layered: dict | None = None, progress: bool = True,
+                     desc: str = "writing") -> None:
+    """Write a complete torch_dist checkpoint into the EXISTING empty `directory`.
+
+    `specs`: {key: TensorSpec} of every tensor; `produce(key, layer)` makes one tensor (layer
+    None) or one layer slice of it (without the leading axis) for keys marked in `layered`;
+    `objects`: {unique key: bytes} of ShardedObjects (written by rank 0); `common`: the common
+    state dict (rank 0 writes common.pt). Collective under torch.distributed (same arguments)."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    mine = split_among_ranks(work_items(specs, layered or {}), world)[rank]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(n for _, _, n in mine), unit="B", unit_scale=True,
+                   unit_divisor=1024, position=rank, leave=True, disable=None,
+                   desc=f"{desc} ({len({k for k, _, _ in mine})} tensors"
+                        f"{f', rank {rank}' if distributed else ''})")
+    try:
+        planner = _StreamingSavePlanner(specs, mine, produce, objects if rank == 0 else {}, bar)
+        # one item per file: FileSystemWriter keeps a file's tensors alive until it is closed
+        writer = FileSystemWriter(directory, single_file_per_rank=False, sync_files=True,
+                                  thread_count=1, overwrite=False)
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=not distributed)
+    finally:
+        if bar is not None:
+            bar.close()
+    if rank == 0:
+        buf = io.BytesIO()
+        torch.save(common, buf)
+        write_file_synced(os.path.join(directory, "common.pt"), buf.getvalue())
+        write_file_synced(os.path.join(directory, "metadata.json"),
+                          json.dumps(TORCH_DIST_CONFIG).encode())
+        fsync_path(directory)
+    if distributed:
+        dist.barrier()

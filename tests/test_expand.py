@@ -1,0 +1,270 @@
+"""`megatron-sparkling expand` on real checkpoints of the pre-training script: plain format
+conversion, growth through a (test-local) copy method, safety, atomicity and memory."""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, megatron_run, tiny_moe_flags
+from megatron_sparkling.cli import main
+from growth_fixture import copy_method  # noqa: F401  (autouse fixture)
+
+SAVE_AT, TOTAL = 4, 8
+NARROW = dict(train_iters=TOTAL, lr_warmup_iters=2, hidden_dropout=0, attention_dropout=0,
+              use_distributed_optimizer=True)
+WIDE = dict(NARROW, hidden_size=128, kv_channels=16, moe_ffn_hidden_size=256,
+            ffn_hidden_size=128)
+
+
+def tree_hashes(root) -> dict:
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, corpus_prefix):
+    """A dp_reshardable checkpoint at iteration 4 and the losses of iterations 5..8 of the same
+    run continued without interruption (dropout off: RNG state does not matter)."""
+    root = tmp_path_factory.mktemp("source") / "ckpt"
+    with megatron_run(tiny_moe_flags(corpus_prefix, **NARROW)) as trainer:
+        trainer.train(until_iteration=SAVE_AT)
+        trainer.save(str(root))
+        continued = [trainer.train_step()["lm loss"] for _ in range(TOTAL - SAVE_AT)]
+    return str(root), continued
+
+
+def expand(*argv) -> int:
+    return main(["expand", "--no-progress", *map(str, argv)])
+
+
+def resume(corpus_prefix, load, n, **flags):
+    with megatron_run(tiny_moe_flags(corpus_prefix, load=load, **flags)) as trainer:
+        assert trainer.iteration == SAVE_AT
+        return [trainer.train_step()["lm loss"] for _ in range(n)]
+
+
+def test_format_conversion_resumes_exactly_and_never_writes_the_source(
+        source, tmp_path, corpus_prefix, capsys):
+    from megatron.core import dist_checkpointing
+
+    src, continued = source
+    before = tree_hashes(src)
+    dst = tmp_path / "converted"
+    assert expand("--load", src, "--save", dst) == 0
+    out = capsys.readouterr().out
+    assert "dp_reshardable -> fully_reshardable" in out and "--no-load-rng" in out
+    assert tree_hashes(src) == before
+    assert (dst / "latest_checkpointed_iteration.txt").read_text() == str(SAVE_AT)
+    assert sorted(os.listdir(dst)) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
+    common = dist_checkpointing.load_common_state_dict(str(dst / "iter_0000004"))
+    assert common["content_metadata"]["distrib_optim_sharding_type"] == "fully_reshardable"
+    assert common["args"].no_save_rng and common["iteration"] == SAVE_AT
+    assert common["optimizer"]["optimizer"]["param_groups"][0]["step"] == SAVE_AT
+    assert "growth" not in common["sparkling"]
+    assert common["sparkling"]["source"]["optimizer_format"] == "dp_reshardable"
+    resumed = resume(corpus_prefix, str(dst), TOTAL - SAVE_AT, dist_ckpt_strictness="raise_all",
+                     **NARROW)
+    assert resumed == continued  # bit-identical: same weights, moments, step, scheduler
+
+
+def test_converted_checkpoint_loads_without_the_distributed_optimizer(
+        source, tmp_path, corpus_prefix):
+    src, continued = source
+    assert expand("--load", src, "--save", tmp_path / "c") == 0
+    resumed = resume(corpus_prefix, str(tmp_path / "c"), TOTAL - SAVE_AT,
+                     **dict(NARROW, use_distributed_optimizer=False))
+    assert max(abs(a - b) for a, b in zip(resumed, continued)) < 1e-5
+
+
+def test_growth_through_the_cli_preserves_the_loss(source, tmp_path, corpus_prefix, capsys):
+    """2x hidden and 2x expert FFN with the copy fixture: the grown model's first loss is the
+    narrow model's loss on the same batch; every optimizer tensor is grown too."""
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+
+    src, continued = source
+    dst = tmp_path / "grown"
+    assert expand("--load", src, "--save", dst, "--hidden-size", 128, "--moe-ffn-hidden-size",
+                  256, "--method", "test-index-copy", "--seed", 7, "--rewarmup-iters", 3,
+                  "--rewarmup-peak-ratio", 0.5) == 0
+    out = capsys.readouterr().out
+    assert "--hidden-size 128" in out and "--kv-channels 16" in out and "--rewarmup-iters 3" in out
+    grown = open_checkpoint(str(dst))
+    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    assert grown.model_tensors[fc1].shape == (2, 4, 512, 128)
+    assert grown.optimizer.format == "fully_reshardable"
+    assert grown.optimizer.read(fc1, "exp_avg_sq").shape == (2, 4, 512, 128)
+    record = grown.common["sparkling"]
+    assert record["growth"]["method"] == "test-index-copy" and record["growth"]["seed"] == 7
+    assert record["rewarmup"] == {"iters": 3, "peak_ratio": 0.5, "start_iteration": SAVE_AT}
+    assert grown.args.hidden_size == 128 and grown.args.moe_ffn_hidden_size == 256
+    first = resume(corpus_prefix, str(dst), 1, dist_ckpt_strictness="raise_all", **WIDE)[0]
+    assert abs(first - continued[0]) / continued[0] < 1e-4, (first, continued[0])
+
+
+def test_expert_count_growth_loads_strictly(source, tmp_path, corpus_prefix):
+    """4 -> 8 experts: every per-expert tensor, optimizer state and `_extra_state` object of the
+    grown model is written, so a strict load finds exactly what it asks for."""
+    src, _ = source
+    dst = tmp_path / "more_experts"
+    assert expand("--load", src, "--save", dst, "--num-experts", 8, "--method",
+                  "test-index-copy") == 0
+    losses = resume(corpus_prefix, str(dst), 2, dist_ckpt_strictness="raise_all",
+                    **dict(NARROW, num_experts=8))
+    assert all(0 < loss < 6 for loss in losses)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _error(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("megatron-sparkling expand: error: ")]
+    assert len(lines) == 1, lines  # one line
+    return lines[0]
+
+
+def test_bad_inputs_fail_before_writing_with_one_line(source, tmp_path, capsys):
+    src, _ = source
+    dst = tmp_path / "out"
+
+    def refused(*argv, match):
+        assert expand(*argv) == 1
+        line = _error(capsys)
+        assert match in line, line
+        assert not dst.exists() or not any(n.startswith("iter_") or n.startswith(".sparkling")
+                                           for n in os.listdir(dst))
+
+    refused("--load", src, "--save", dst, "--hidden-size", 32, match="smaller than the source")
+    refused("--load", src, "--save", dst, "--num-experts", 6, "--target-expert-model-parallel-size",
+            4, match="number of experts: 6 is not divisible by the expert-parallel size 4")
+    refused("--load", src, "--save", os.path.join(src, "inside"), match="overlaps --load")
+    refused("--load", src, "--save", dst, "--iteration", 9, match="choose --iteration among")
+    (tmp_path / "empty").mkdir()
+    refused("--load", tmp_path / "empty", "--save", dst,
+            match="has no latest_checkpointed_iteration.txt")
+    refused("--load", src, "--save", dst, "--method", "no-such", "--hidden-size", 128,
+            match="unknown growth method")
+
+    iter_dir = "iter_0000004"
+    missing = _copy(src, tmp_path / "missing")
+    os.remove(missing / iter_dir / "__0_1.distcp")
+    refused("--load", missing, "--save", dst, match="__0_1.distcp is missing")
+    truncated = _copy(src, tmp_path / "truncated")
+    with open(truncated / iter_dir / "__0_0.distcp", "r+b") as f:
+        f.truncate(1000)
+    refused("--load", truncated, "--save", dst, match="is truncated (1000 of")
+    foreign = tmp_path / "foreign"
+    (foreign / iter_dir).mkdir(parents=True)
+    (foreign / "latest_checkpointed_iteration.txt").write_text("4")
+    (foreign / iter_dir / "weights.bin").write_bytes(b"\0" * 64)
+    refused("--load", foreign, "--save", dst, match="neither a torch_dist checkpoint")
+
+    lying = _copy(src, tmp_path / "lying")
+    common = torch.load(lying / iter_dir / "common.pt", weights_only=False)
+    common["args"].hidden_size = 96
+    torch.save(common, lying / iter_dir / "common.pt")
+    refused("--load", lying, "--save", dst, match="the checkpoint's args do not describe its tensors")
+
+
+def test_existing_target_needs_overwrite(source, tmp_path, capsys):
+    src, _ = source
+    dst = tmp_path / "out"
+    assert expand("--load", src, "--save", dst) == 0
+    first = tree_hashes(dst)
+    assert expand("--load", src, "--save", dst) == 1
+    assert "already holds a checkpoint" in _error(capsys) and tree_hashes(dst) == first
+    assert expand("--load", src, "--save", dst, "--overwrite") == 0
+    assert sorted(os.listdir(dst)) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
+
+
+def test_keep_rng_only_at_the_source_layout(source, tmp_path, capsys):
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+
+    src, _ = source
+    assert expand("--load", src, "--save", tmp_path / "a", "--keep-rng",
+                  "--target-tensor-model-parallel-size", 2) == 1
+    assert "--keep-rng needs the source's TP/PP/EP sizes" in _error(capsys)
+    assert expand("--load", src, "--save", tmp_path / "b", "--keep-rng") == 0
+    kept = open_checkpoint(str(tmp_path / "b"))
+    assert not kept.args.no_save_rng
+    original = open_checkpoint(src)
+    rng = [o for o in original.objects if o.startswith("rng_state/")]
+    assert rng and all(kept.read_object_bytes(o) == original.read_object_bytes(o) for o in rng)
+
+
+def _cli(argv, **kw):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "megatron_sparkling.cli", "expand",
+                             "--no-progress", *map(str, argv)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_killed_conversion_leaves_nothing_loadable_and_a_rerun_succeeds(source, tmp_path):
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.training.checkpointing import CheckpointError
+
+    src, _ = source
+    dst = tmp_path / "out"
+    proc = _cli(["--load", src, "--save", dst])
+    staged = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        stages = [n for n in os.listdir(dst)] if dst.exists() else []
+        stages = [n for n in stages if n.startswith(".sparkling-tmp-")]
+        if stages and any(f.endswith(".distcp") for f in os.listdir(dst / stages[0])):
+            staged = stages[0]
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    assert staged is not None, "the converter finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    assert not (dst / "latest_checkpointed_iteration.txt").exists()
+    assert not any(n.startswith("iter_") for n in os.listdir(dst))
+    with pytest.raises(CheckpointError):
+        open_checkpoint(str(dst))
+    rerun = _cli(["--load", src, "--save", dst])
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    assert sorted(os.listdir(dst)) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert open_checkpoint(str(dst)).iteration == SAVE_AT
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_converter_peak_memory_is_bounded_by_the_largest_piece(tmp_path, corpus_prefix):
+    """8 experts of FFN 1024 at hidden 256, 4 layers: stacked tensors are streamed a layer at
+    a time, so the largest piece (one layer of expert fc1, 16 MiB) is 1/25 of the checkpoint;
+    the writer's peak RSS (bench/convert.py --measure, its own process) must stay within a few
+    pieces plus a fixed allowance, far below the checkpoint's size."""
+    import json
+
+    src = tmp_path / "big"
+    flags = tiny_moe_flags(corpus_prefix, num_experts=8, moe_ffn_hidden_size=1024, hidden_size=256,
+                           num_layers=4, train_iters=2, lr_warmup_iters=1,
+                           use_distributed_optimizer=True, micro_batch_size=2, global_batch_size=2,
+                           save=str(src))
+    with megatron_run(flags) as trainer:
+        trainer.train(until_iteration=1)
+        trainer.save()
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "convert.py"), "--measure",
+                          str(src), str(tmp_path / "dst")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    peak, piece, total = r["peak_bytes"], r["largest_piece_bytes"], r["written_bytes"]
+    print(f"peak {peak / 2**20:.1f} MiB, largest piece {piece / 2**20:.1f} MiB, "
+          f"checkpoint {total / 2**20:.1f} MiB")
+    assert total > 20 * piece
+    assert peak < 4 * piece + 32 * 2**20 < total / 4
