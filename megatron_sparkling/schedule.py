@@ -34,11 +34,15 @@ import torch
 
 from megatron_sparkling import element_lr
 
-RECORD_KEY = "sparkling"             # growth record in a grown checkpoint's common state
+from megatron_sparkling.record import RECORD_KEY, growth_record, rewarmup_settings
 STATE_KEY = "sparkling_rewarmup"     # re-warmup state inside opt_param_scheduler
 SCOPES = ("new", "all", "none")
 NEW_LR = "learning rate (new elements)"
 OLD_LR = "learning rate (old elements)"
+
+
+DEFAULT_ITERS = 250        # paper: tau_w = 250
+DEFAULT_PEAK_RATIO = 1.3   # paper: rho = 1.3 (1.25-1.3 best)
 
 
 class RewarmupError(ValueError):
@@ -48,11 +52,13 @@ class RewarmupError(ValueError):
 def add_rewarmup_args(parser):
     """Megatron-LM-style flags (usable as, or chained into, an extra_args_provider)."""
     g = parser.add_argument_group("megatron_sparkling learning-rate re-warmup after growth")
-    g.add_argument("--sparkling-rewarmup-iters", type=int, default=250,
+    g.add_argument("--sparkling-rewarmup-iters", type=int, default=None,
                    help="Iterations over which new elements' LR ramps from the LR at growth to "
-                        "peak-ratio times it (0: jump to the peak).")
-    g.add_argument("--sparkling-rewarmup-peak-ratio", type=float, default=1.3,
-                   help="Peak of new elements' LR as a multiple of the LR at growth.")
+                        "peak-ratio times it (0: jump to the peak). Default: what `expand` was "
+                        f"given, else {DEFAULT_ITERS}.")
+    g.add_argument("--sparkling-rewarmup-peak-ratio", type=float, default=None,
+                   help="Peak of new elements' LR as a multiple of the LR at growth. Default: "
+                        f"what `expand` was given, else {DEFAULT_PEAK_RATIO}.")
     g.add_argument("--sparkling-rewarmup-scope", default="new", choices=SCOPES,
                    help="new: only new elements re-warm (SPARKLING); all: every parameter "
                         "(ablation); none: no re-warmup.")
@@ -76,10 +82,19 @@ class RewarmupConfig:
                                 "(1.3 in the paper; 1.25-1.3 work best)")
 
     @classmethod
-    def from_args(cls, args) -> "RewarmupConfig":
-        return cls(warmup_iters=getattr(args, "sparkling_rewarmup_iters", 250),
-                   peak_ratio=getattr(args, "sparkling_rewarmup_peak_ratio", 1.3),
-                   scope=getattr(args, "sparkling_rewarmup_scope", "new"),
+    def from_args(cls, args, stored: Optional[dict] = None) -> "RewarmupConfig":
+        """Flags first, then the settings `expand` stored in the checkpoint, then defaults."""
+        stored = stored or {}
+
+        def pick(flag, key, default):
+            value = getattr(args, flag, None)
+            if value is None:
+                value = stored.get(key)
+            return default if value is None else value
+        return cls(warmup_iters=int(pick("sparkling_rewarmup_iters", "iters", DEFAULT_ITERS)),
+                   peak_ratio=float(pick("sparkling_rewarmup_peak_ratio", "peak_ratio",
+                                         DEFAULT_PEAK_RATIO)),
+                   scope=getattr(args, "sparkling_rewarmup_scope", None) or "new",
                    samples_per_iteration=args.global_batch_size)
 
 
@@ -359,12 +374,12 @@ def rewarmup_after_load(model, optimizer, scheduler, args) -> Optional[Rewarmup]
     if ckpt_dir is None:
         return None
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    record = common.get(RECORD_KEY)
+    record = growth_record(common)
     stored = common.get("opt_param_scheduler") or {}
     # the saved re-warmup counts only if the scheduler state was loaded too (not with --finetune,
     # --no-load-optim, a release checkpoint, ...): then the step counts agree
     saved = stored.get(STATE_KEY) if stored.get("num_steps") == scheduler.num_steps else None
-    config = RewarmupConfig.from_args(args)
+    config = RewarmupConfig.from_args(args, rewarmup_settings(common))
     if config.scope == "none":
         if saved is not None or record is not None:
             _print_rank_0("> SPARKLING re-warmup off (--sparkling-rewarmup-scope none)")

@@ -97,7 +97,8 @@ def test_growth_through_the_cli_preserves_the_loss(source, tmp_path, corpus_pref
                   256, "--method", "test-index-copy", "--seed", 7, "--rewarmup-iters", 3,
                   "--rewarmup-peak-ratio", 0.5) == 0
     out = capsys.readouterr().out
-    assert "--hidden-size 128" in out and "--kv-channels 16" in out and "--rewarmup-iters 3" in out
+    assert "--hidden-size 128" in out and "--kv-channels 16" in out
+    assert "--sparkling-rewarmup-iters 3" in out
     grown = open_checkpoint(str(dst))
     fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
     assert grown.model_tensors[fc1].shape == (2, 4, 512, 128)

@@ -36,6 +36,7 @@ from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
 from megatron_sparkling.checkpoint.dcp import TensorSpec
 from megatron_sparkling.checkpoint.reader import open_checkpoint
 from megatron_sparkling.checkpoint.writer import write_torch_dist
+from megatron_sparkling.record import RECORD_KEY
 from megatron_sparkling.spec import GrowthSpec, ModelShape, ParallelLayout, validate
 from megatron_sparkling.training.checkpointing import CheckpointError
 
@@ -263,7 +264,7 @@ class Conversion:
             record["rewarmup"] = {"iters": self.req.rewarmup_iters,
                                   "peak_ratio": self.req.rewarmup_peak_ratio,
                                   "start_iteration": common["iteration"]}
-        common["sparkling"] = record
+        common[RECORD_KEY] = record
         return common
 
     # ------------------------------------------------------------------ streaming
@@ -314,9 +315,9 @@ class Conversion:
         if self.optimizer is None:
             flags.append("--no-load-optim")
         if self.grown and self.req.rewarmup_iters:
-            flags += ["--rewarmup-iters", self.req.rewarmup_iters]
+            flags += ["--sparkling-rewarmup-iters", self.req.rewarmup_iters]
             if self.req.rewarmup_peak_ratio is not None:
-                flags += ["--rewarmup-peak-ratio", self.req.rewarmup_peak_ratio]
+                flags += ["--sparkling-rewarmup-peak-ratio", self.req.rewarmup_peak_ratio]
         return [str(f) for f in flags]
 
 

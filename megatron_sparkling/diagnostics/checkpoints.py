@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-RECORD_KEY = "sparkling"
+from megatron_sparkling.record import RECORD_KEY, growth_record  # noqa: E402
 
 
 class VerifyError(ValueError):
@@ -209,7 +209,7 @@ def verify_checkpoints(before: str, after: str, before_iteration: Optional[int] 
     before_dir, before_iteration = checkpoint_dir(before, before_iteration)
     after_dir, after_iteration = checkpoint_dir(after, after_iteration)
     before_common, after_common = common_state(before_dir), common_state(after_dir)
-    record = after_common.get(RECORD_KEY)
+    record = growth_record(after_common)
     before_args = one_rank_args(before_common["args"], data_path)
     after_args = one_rank_args(after_common["args"], data_path)
     if before_args.seq_length != after_args.seq_length:

@@ -1,0 +1,31 @@
+"""The `sparkling` entry of a grown checkpoint's common state, read in one place.
+
+The converter (`megatron-sparkling expand`) writes
+    common["sparkling"] = {"source": {path, format, iteration, optimizer_format},
+                           "converted_at": ..., "growth": Grower.record(),
+                           "rewarmup": {"iters": W, "peak_ratio": R, "start_iteration": t_e}}
+("growth" and "rewarmup" only when something grew). Older writers and in-memory callers may
+store Grower.record() itself; both are read here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+RECORD_KEY = "sparkling"
+
+
+def growth_record(common: dict) -> Optional[dict]:
+    """Grower.record() of the growth that made this checkpoint, or None."""
+    entry = (common or {}).get(RECORD_KEY)
+    if not entry:
+        return None
+    if "plan" in entry:  # the record itself
+        return entry
+    return entry.get("growth")
+
+
+def rewarmup_settings(common: dict) -> dict:
+    """The re-warmup the converter was asked for ({"iters", "peak_ratio"}; empty if none)."""
+    entry = (common or {}).get(RECORD_KEY) or {}
+    settings = entry.get("rewarmup") or {}
+    return {k: v for k, v in settings.items() if k in ("iters", "peak_ratio") and v is not None}
