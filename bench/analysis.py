@@ -52,8 +52,17 @@ def growth_jump(curve: list[dict], growth_flops: float) -> Optional[float]:
     return after[0]["loss"] - before[-1]["loss"]
 
 
+def matched_saving(run_curve: list[dict], scratch: list[dict]) -> Optional[float]:
+    """1 - this run's total FLOPs / the FLOPs scratch needed to reach this run's final loss
+    (None when scratch never got that low): the saving at equal final loss, the paper's view
+    when a grown run ends slightly above scratch."""
+    scratch_compute = compute_to_reach(scratch, run_curve[-1]["loss"])
+    return saving(run_curve[-1]["flops"], scratch_compute) if scratch_compute else None
+
+
 def summarize(runs: dict, scratch_name: str) -> list[dict]:
-    """One row per run: compute to reach the scratch run's final (or best) validation loss."""
+    """One row per run: compute to reach the scratch run's final (or best) validation loss; and
+    the saving at equal final loss."""
     scratch = runs[scratch_name]["curve"]
     target = min(p["loss"] for p in scratch)
     reference = compute_to_reach(scratch, target)
@@ -68,6 +77,7 @@ def summarize(runs: dict, scratch_name: str) -> list[dict]:
             "total flops": curve[-1]["flops"],
             "flops to scratch best": reach,
             "saving": saving(reach, reference),
+            "saving at equal loss": matched_saving(curve, scratch),
             "loss jump": run.get("loss_jump"),
             "twin cosine": run.get("twin_cosine"),
         })
@@ -88,7 +98,8 @@ def _fmt(value, kind):
 
 def markdown_table(rows: list[dict]) -> str:
     cols = [("run", "s"), ("final loss", "f"), ("best loss", "f"), ("total flops", "flops"),
-            ("flops to scratch best", "flops"), ("saving", "pct"), ("loss jump", "f"),
+            ("flops to scratch best", "flops"), ("saving", "pct"), ("saving at equal loss", "pct"),
+            ("loss jump", "f"),
             ("twin cosine", "f")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |",
              "|" + "|".join("---" for _ in cols) + "|"]

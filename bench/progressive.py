@@ -52,18 +52,23 @@ METHODS = {
     "copy-opt": ("copy-opt", {}, "new"),
     "sparkling-rewarm-all": ("sparkling", {}, "all"),
 }
+# what a sweep may change (growth point: --grow-at)
+OVERRIDES = {"train_iters": int, "lr": float, "min_lr": float, "eval_iters": int,
+             "rewarmup_iters": int, "rewarmup_peak_ratio": float, "msg_ramp": int}
 PAPER_SAVING = {"expert-ffn-2x": 0.20, "hidden-2x": 0.25, "both-2x": 0.35}
 
 QUICK = dict(
     num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, num_experts=4,
     moe_ffn_hidden_size=64, moe_router_topk=2, seq_length=64, micro_batch_size=8,
-    global_batch_size=8, train_iters=240, lr=3e-3, min_lr=3e-4, lr_warmup_iters=12,
-    eval_interval=12, eval_iters=2, rewarmup_iters=12, msg_ramp=12, twin_after=100)
+    global_batch_size=8, train_iters=320, lr=1.5e-3, min_lr=1.5e-4, lr_warmup_iters=16,
+    eval_interval=16, eval_iters=4, rewarmup_iters=16, rewarmup_peak_ratio=1.3, msg_ramp=16,
+    twin_after=100)
 FULL = dict(
     num_layers=8, hidden_size=512, num_attention_heads=8, kv_channels=64, num_experts=16,
     moe_ffn_hidden_size=512, moe_router_topk=2, seq_length=512, micro_batch_size=8,
     global_batch_size=64, train_iters=6000, lr=1e-3, min_lr=1e-4, lr_warmup_iters=200,
-    eval_interval=100, eval_iters=10, rewarmup_iters=250, msg_ramp=250, twin_after=100)
+    eval_interval=100, eval_iters=10, rewarmup_iters=250, rewarmup_peak_ratio=1.3, msg_ramp=250,
+    twin_after=100)
 
 
 def base_flags(cfg: dict, data_path: str, out: str) -> list[str]:
@@ -83,6 +88,7 @@ def base_flags(cfg: dict, data_path: str, out: str) -> list[str]:
         "eval_interval": cfg["eval_interval"], "eval_iters": cfg["eval_iters"],
         "log_interval": 10 ** 9, "data_path": data_path, "split": "98,2,0", "seed": 1234,
         "sparkling_rewarmup_iters": cfg["rewarmup_iters"],
+        "sparkling_rewarmup_peak_ratio": cfg["rewarmup_peak_ratio"],
     }
     argv = []
     for name, value in flags.items():
@@ -95,14 +101,14 @@ def base_flags(cfg: dict, data_path: str, out: str) -> list[str]:
 class Bench:
     """All runs in one initialized megatron-core process (1 rank)."""
 
-    def __init__(self, cfg, data_path, out, grow_at: float, verbose=False):
+    def __init__(self, cfg, data_path, out, grow_at: float, verbose=False, extra_flags=()):
         from megatron_sparkling.training import initialize as init_lib
         from megatron_sparkling.training.loop import _add_run_flags, _chain_providers
         from megatron_sparkling import schedule
 
         self.cfg, self.out, self.verbose = cfg, out, verbose
         os.makedirs(out, exist_ok=True)
-        argv = base_flags(cfg, data_path, out)
+        argv = base_flags(cfg, data_path, out) + list(extra_flags)   # later flags win
         self.narrow_args = init_lib.initialize(
             argv, _chain_providers(_add_run_flags, schedule.add_rewarmup_args))
         from megatron_sparkling.training import data, model as model_lib
@@ -115,10 +121,10 @@ class Bench:
     # ------------------------------------------------------------------ runs
     def _trainer(self, args):
         from megatron_sparkling.training.initialize import set_random_seed
-        from megatron_sparkling.training.loop import Pretrainer
+        from megatron_sparkling.training.loop import Pretrainer, _hooks_from_args
 
         set_random_seed(args.seed)
-        return Pretrainer(args)
+        return Pretrainer(args, _hooks_from_args(args))   # training modes, e.g. progressive depth
 
     def _curve(self, trainer):
         return [{"iteration": r["iteration"], "flops": r["flops"],
@@ -305,11 +311,14 @@ def main(argv=None) -> int:
                    help="growth point as a fraction of the token budget (default 0.5)")
     p.add_argument("--sweep", action="store_true",
                    help="full mode: repeat for growth at 25%%, 50%% and 75%% of the budget")
-    p.add_argument("--train-iters", type=int, default=None, help="override the mode's budget")
+    over = p.add_argument_group("override the mode's settings")
+    for name, kind in OVERRIDES.items():
+        over.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
     cfg = dict(FULL if a.full else QUICK)
-    if a.train_iters:
-        cfg["train_iters"] = a.train_iters
+    for name in OVERRIDES:
+        if getattr(a, name) is not None:
+            cfg[name] = getattr(a, name)
     from megatron_sparkling.training import corpus
 
     if not corpus.exists(a.data_path):

@@ -27,5 +27,10 @@ def test_summary_reports_saving_and_jump():
     grown = next(r for r in rows if r["run"] == "grown")
     assert grown["saving"] == pytest.approx(1 - (4 + 8 * 1.6 / 1.7) / 20)
     assert grown["loss jump"] == pytest.approx(0.1)
+    # scratch reaches the grown run's final 1.9 never (its best is 2.0): no equal-loss figure;
+    # a grown run ending at 2.5 for 12 FLOPs saves 1 - 12/15 against scratch's 15 to get there
+    assert grown["saving at equal loss"] is None
+    above = GROWN[:-1] + [{"flops": 12, "loss": 2.5}]
+    assert analysis.matched_saving(above, SCRATCH) == pytest.approx(1 - 12 / 15)
     table = analysis.markdown_table(rows)
     assert table.count("\n") == 3 and "| grown |" in table
