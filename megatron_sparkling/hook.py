@@ -101,6 +101,13 @@ def _checkpoint_iteration(args, load_dir: str) -> Optional[int]:
     return iteration if iteration >= 0 else None
 
 
+def _shapes_change(src, source, target) -> bool:
+    """Whether any stored model tensor has another shape at `target`'s sizes."""
+    from megatron_sparkling.checkpoint.reader import expected_shape
+
+    return any(expected_shape(k, source) != expected_shape(k, target) for k in src.model_tensors)
+
+
 def pending_growth(args, load_dir: Optional[str]) -> Optional[PendingGrowth]:
     """The growth loading `load_dir` into this run needs, or None (same sizes, nothing to load).
 
@@ -121,10 +128,13 @@ def pending_growth(args, load_dir: Optional[str]) -> Optional[PendingGrowth]:
     if stored is None:
         return None
     source, run = ModelShape.from_args(stored), ModelShape.from_args(args)
-    changed = {f: (getattr(source, f), getattr(run, f)) for f in GROWN_SIZES + ("num_layers",)
-               if getattr(source, f) != getattr(run, f)}
-    if not changed:
-        return None
+    changed = {f: (getattr(source, f), getattr(run, f)) for f in GROWN_SIZES
+               if getattr(source, f) != getattr(run, f)
+               and _shapes_change(src, source, source.replace(**{f: getattr(run, f)}))}
+    if source.num_layers != run.num_layers:
+        changed["num_layers"] = (source.num_layers, run.num_layers)
+    if not changed:   # same sizes, or only sizes no stored tensor has (e.g. a dense FFN size
+        return None   # in an all-MoE model): a normal load
     where = f"--load {load_dir} (iteration {src.iteration})"
     sizes = ", ".join(f"{f} {a} -> {b}" for f, (a, b) in changed.items())
     if getattr(args, "sparkling_no_grow_on_load", False):
@@ -136,7 +146,7 @@ def pending_growth(args, load_dir: Optional[str]) -> Optional[PendingGrowth]:
                               f"{run.num_layers}; growth on load widens only: relaunch with "
                               f"--num-layers {source.num_layers}, or grow depth with "
                               "megatron-sparkling expand first")
-    target = source.replace(**{f: getattr(run, f) for f in GROWN_SIZES + FOLLOWING_SIZES})
+    target = source.replace(**{f: getattr(run, f) for f in tuple(changed) + FOLLOWING_SIZES})
     spec = GrowthSpec(source, target, getattr(args, "sparkling_method", None) or "sparkling",
                       getattr(args, "sparkling_seed", 1234),
                       _method_options(getattr(args, "sparkling_method_option", None)))
