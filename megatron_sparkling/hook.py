@@ -256,8 +256,11 @@ def _log_growth(args, growth: PendingGrowth, iteration: int, rewarmup, model) ->
     if not wandb_log.enabled(args):
         return
     before, after = new_element_count(growth)
-    event = wandb_log.growth_event(iteration, growth.grower, growth.src.path, before, after,
-                                   path="load hook", rewarmup=rewarmup)
+    settings = None if rewarmup is None else {
+        "iters": rewarmup.state.warmup_iters, "peak_ratio": rewarmup.state.peak_ratio,
+        "scope": rewarmup.state.scope}
+    event = wandb_log.growth_event(iteration, growth.grower.record(), growth.src.path, before,
+                                   after, path="load hook", rewarmup=settings)
     summary = None
     if torch.distributed.get_world_size() == 1:
         summary = wandb_log.live_diagnostics(args, growth, model)

@@ -12,6 +12,7 @@ change, max and mean |logit difference| on a few validation batches).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -76,7 +77,8 @@ def run(args):
         config = {k: v for k, v in vars(args).items()
                   if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
         _RUN = wandb.init(project=args.wandb_project, name=getattr(args, "wandb_exp_name", "")
-                          or None, dir=save_dir, config=config, reinit=True)
+                          or None, dir=save_dir, config=config, reinit=True,
+                          settings=wandb.Settings(console="off"))  # the run's log stays ours
     return _RUN
 
 
@@ -88,24 +90,22 @@ def finish() -> None:
         _RUN = None
 
 
-def growth_event(iteration: int, grower, source: str, elements_before: int,
+def growth_event(iteration: int, record: dict, source: str, elements_before: int,
                  elements_after: int, path: str, rewarmup=None) -> dict:
-    """The growth event as flat figures (sizes of every grown axis, before and after)."""
+    """The growth event as flat figures; `record` is Grower.record() (method, seed, source and
+    target shapes), `path` says where the growth ran ("expand" or "load hook")."""
     from megatron_sparkling.spec import WIDTH_FIELDS
 
-    spec = grower.spec
-    event = {"iteration": int(iteration), "method": grower.method.name, "seed": spec.seed,
-             "source": source, "path": path, "elements_before": int(elements_before),
-             "elements_after": int(elements_after),
+    event = {"iteration": int(iteration), "method": record.get("method"),
+             "seed": record.get("seed"), "source": source, "path": path,
+             "elements_before": int(elements_before), "elements_after": int(elements_after),
              "new_elements": int(elements_after - elements_before)}
     for name in WIDTH_FIELDS:
-        before, after = getattr(spec.source, name), getattr(spec.target, name)
+        before, after = record["source"].get(name), record["target"].get(name)
         if before is not None:
             event[f"{name}_before"], event[f"{name}_after"] = before, after
     if rewarmup is not None:
-        s = rewarmup.state
-        event.update(rewarmup_iters=s.warmup_iters, rewarmup_peak_ratio=s.peak_ratio,
-                     rewarmup_scope=s.scope)
+        event.update({f"rewarmup_{k}": v for k, v in rewarmup.items() if v is not None})
     return event
 
 
@@ -129,11 +129,23 @@ def log_growth(args, event: dict, summary: Optional[dict] = None) -> Optional[di
     figures = {PREFIX + "growth/" + k: v for k, v in event.items()}
     if summary:
         figures.update({PREFIX + "diagnostics/" + k: v for k, v in summary.items()})
-    numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
+    numbers = {k: v for k, v in figures.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     target.log(numbers, step=event["iteration"])
     if hasattr(target, "summary"):
         target.summary.update(figures)
     return figures
+
+
+def log_record(args, record: dict) -> None:
+    """One training or validation record of the pre-training loop (its figures, at its
+    iteration), when --wandb-project is given."""
+    target = run(args)
+    if target is None:
+        return
+    numbers = {k: v for k, v in record.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
+    target.log(numbers, step=int(record["iteration"]))
 
 
 def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
@@ -155,3 +167,29 @@ def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
     for chunk in model:
         chunk.train()
     return diagnostics_summary(report)
+
+
+def log_expand(ns, result) -> Optional[dict]:
+    """After `megatron-sparkling expand --wandb-project P`: the growth event from the written
+    checkpoint's record and, at 1 process, the diagnostics summary (verify on 2 batches)."""
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.record import growth_record, rewarmup_settings
+
+    if not enabled(ns) or not result.grown:
+        return None
+    grown = open_checkpoint(result.path, verify=False)
+    source = open_checkpoint(ns.load, ns.iteration, verify=False)
+    count = lambda ckpt: sum(math.prod(s.shape) for s in ckpt.model_tensors.values())  # noqa
+    event = growth_event(result.iteration, growth_record(grown.common), source.path,
+                         count(source), count(grown), "expand", rewarmup_settings(grown.common))
+    summary = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        from megatron_sparkling.diagnostics import verify_checkpoints
+
+        report = verify_checkpoints(ns.load, ns.save, ns.iteration, result.iteration,
+                                    batches=2, twins=False)
+        summary = diagnostics_summary(report)
+    try:
+        return log_growth(ns, event, summary)
+    finally:
+        finish()

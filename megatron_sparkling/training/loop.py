@@ -297,6 +297,10 @@ class Pretrainer:
     # ------------------------------------------------------------------ logging
     def _record(self, record: dict) -> None:
         self.history.append(record)
+        if self.args.wandb_project:
+            from megatron_sparkling import wandb_log
+
+            wandb_log.log_record(self.args, record)
         path = self.args.log_metrics_path
         if path and torch.distributed.get_rank() == 0:
             with open(path, "a") as f:
@@ -374,4 +378,7 @@ def pretrain(argv=None, extra_args_provider=None) -> list[dict]:
                      f"training FLOPs per iteration: {trainer.flops_per_iteration:.3e}")
         return trainer.run()
     finally:
+        from megatron_sparkling import wandb_log
+
+        wandb_log.finish()
         shutdown()
