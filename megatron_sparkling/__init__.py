@@ -3,5 +3,32 @@
 Pure tensor operators (growth methods) are kept apart from Megatron I/O (checkpoints, hooks);
 `megatron_sparkling.training` is a Megatron-LM-style pre-training loop built on megatron-core,
 and `megatron_sparkling.compat` adapts megatron-core to CPU-only machines.
+
+For Megatron-LM (see patches/):
+
+    import megatron_sparkling
+    megatron_sparkling.install()     # a narrower --load checkpoint grows on load
+    pretrain(..., extra_args_provider=megatron_sparkling.extra_args_provider(other_provider))
+
+Nothing heavy is imported here: megatron-core is imported when these are called.
 """
 __version__ = "0.1.0"
+
+
+def install() -> str:
+    """Growth on load in the loader in use (Megatron-LM's if importable); see hook.py."""
+    from megatron_sparkling.hook import install as _install
+
+    return _install()
+
+
+def extra_args_provider(chained=None):
+    """An extra_args_provider adding the --sparkling-* flags, then `chained`'s (if any)."""
+    def provider(parser):
+        from megatron_sparkling.hook import add_args
+
+        parser = add_args(parser) or parser
+        if chained is not None:
+            parser = chained(parser) or parser
+        return parser
+    return provider

@@ -176,6 +176,12 @@ def expand_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-optimizer", action="store_true",
                    help="drop the optimizer state (relaunch with --no-load-optim)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w = p.add_argument_group("wandb (Megatron-LM's flag names; pip install "
+                             "'megatron-sparkling[wandb]'; WANDB_MODE=offline works offline)")
+    w.add_argument("--wandb-project", default="",
+                   help="log the growth event and the diagnostics summary to this project")
+    w.add_argument("--wandb-exp-name", default="")
+    w.add_argument("--wandb-save-dir", default="")
     return p
 
 
@@ -228,7 +234,14 @@ def _expand(argv, request_hook=None):
     from megatron_sparkling.spec import GrowthSpecError
     from megatron_sparkling.training.checkpointing import CheckpointError
 
+    from megatron_sparkling import wandb_log
+
     ns = expand_parser().parse_args(argv)
+    try:
+        wandb_log.check_available(ns)
+    except wandb_log.WandbError as e:
+        print(f"megatron-sparkling expand: error: {e}", file=sys.stderr, flush=True)
+        return 1
     req = expand_request(ns)
     if request_hook is not None:
         request_hook(req)
@@ -245,6 +258,7 @@ def _expand(argv, request_hook=None):
             return 1
         if rank == 0:
             _report(result)
+            wandb_log.log_expand(ns, result)
         return 0
     finally:
         if started:

@@ -114,19 +114,9 @@ class Conversion:
 
     # ------------------------------------------------------------------ decisions
     def _grower(self):
-        from megatron_sparkling.methods.base import Grower
+        from megatron_sparkling.checkpoint.growing import make_grower
 
-        try:
-            grower = Grower(self.spec, self.req.method_instance)
-        except ValueError as e:  # unknown method or option
-            raise CheckpointError(str(e)) from None
-        for key in self.src.model_tensors:
-            if not layout_lib.is_extra_state(key):
-                try:
-                    grower.layout(key)
-                except layout_lib.UnknownTensorError as e:
-                    raise CheckpointError(f"{e}; it cannot be grown") from None
-        return grower
+        return make_grower(self.spec, self.src.model_tensors, self.req.method_instance)
 
     def _rng_loadable(self) -> bool:
         args, p = self.src.args, self.parallel
@@ -276,20 +266,9 @@ class Conversion:
 
     def produce(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         """One target tensor, or one layer of a stacked one, grown under its per-layer key."""
-        prefix, model_key = layout_lib.split_state_key(key)
-        if not prefix:
-            kind, tensor = "param", self.src.read_model(key, layer)
-        else:
-            kind = prefix[len("optimizer.state."):-1]
-            if kind in self.optimizer.kinds:
-                tensor = self.optimizer.read(model_key, kind, layer)
-            elif kind == "param":  # no distributed optimizer, fp32 params: the weights
-                tensor = self.src.read_model(model_key, layer).float()
-            else:
-                raise CheckpointError(f"the checkpoint has no {kind} state for {model_key}")
-        if self.grower is not None:
-            grow_key = key if layer is None else layout_lib.layer_key(key, layer)
-            tensor = self.grower.grow(grow_key, tensor, kind)
+        from megatron_sparkling.checkpoint.growing import GrownTensors
+
+        tensor = GrownTensors(self.src, self.grower, self.optimizer).read(key, layer)
         return tensor.to(self.specs[key].dtype)
 
     def relaunch_flags(self) -> list:

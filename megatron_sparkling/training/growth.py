@@ -71,7 +71,7 @@ def _set_step(osd, step) -> None:
                 g["step"] = step
         else:
             inner.setdefault("state", {})["common_step"] = (
-                step.clone() if torch.is_tensor(step) else step)
+                step.clone() if torch.is_tensor(step) else torch.tensor(float(step)))
 
 
 def global_state(args, model, optimizer) -> tuple[dict, object]:

@@ -107,9 +107,12 @@ class Pretrainer:
         self.history: list[dict] = []
         self.flops_per_iteration = flops.training_flops_per_iteration(args)
         if args.load:
-            # Looked up on the module at call time so a plugin can take over loading.
+            # With growth on load: a narrower checkpoint grows to this run's sizes in memory
+            # (hook.py); the loader itself is looked up at call time so a plugin can take over.
+            from megatron_sparkling import hook
+
             self.iteration, self.num_floating_point_operations_so_far = (
-                checkpointing.load_checkpoint(args, self.model, self.optimizer, self.scheduler))
+                hook.load_checkpoint(args, self.model, self.optimizer, self.scheduler))
             if args.finetune:
                 args.consumed_train_samples = 0
             # A grown checkpoint (or one saved during a re-warmup) re-warms new elements' LR.
@@ -129,8 +132,11 @@ class Pretrainer:
 
     @classmethod
     def from_argv(cls, argv=None, extra_args_provider=None):
-        args = initialize(argv, _chain_providers(_add_run_flags, schedule.add_rewarmup_args,
+        from megatron_sparkling import hook, wandb_log
+
+        args = initialize(argv, _chain_providers(_add_run_flags, hook.add_args,
                                                  extra_args_provider))
+        wandb_log.check_available(args)
         return cls(args, _hooks_from_args(args))
 
     def _attach_hooks(self):
@@ -291,6 +297,10 @@ class Pretrainer:
     # ------------------------------------------------------------------ logging
     def _record(self, record: dict) -> None:
         self.history.append(record)
+        if self.args.wandb_project:
+            from megatron_sparkling import wandb_log
+
+            wandb_log.log_record(self.args, record)
         path = self.args.log_metrics_path
         if path and torch.distributed.get_rank() == 0:
             with open(path, "a") as f:
@@ -368,4 +378,7 @@ def pretrain(argv=None, extra_args_provider=None) -> list[dict]:
                      f"training FLOPs per iteration: {trainer.flops_per_iteration:.3e}")
         return trainer.run()
     finally:
+        from megatron_sparkling import wandb_log
+
+        wandb_log.finish()
         shutdown()
