@@ -26,7 +26,7 @@ setup(
         "gpu": ["transformer_engine[pytorch]"],
         "wandb": ["wandb"],
         "bench": ["matplotlib"],
-        "dev": ["pytest", "matplotlib"],
+        "dev": ["pytest", "matplotlib", "wandb"],
     },
     entry_points={"console_scripts": ["megatron-sparkling=megatron_sparkling.cli:main"]},
 )
