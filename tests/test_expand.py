@@ -124,6 +124,65 @@ def test_expert_count_growth_loads_strictly(source, tmp_path, corpus_prefix):
     assert all(0 < loss < 6 for loss in losses)
 
 
+def _logits(corpus_prefix, load, **flags):
+    """Logits of a checkpoint's model on the first validation micro-batch (eval mode)."""
+    from megatron_sparkling.training import data
+    from megatron_sparkling.training import model as model_lib
+
+    with megatron_run(tiny_moe_flags(corpus_prefix, load=load, **flags)) as trainer:
+        batch = data.to_device(next(data.microbatches(trainer.valid_ds, 0, 1, trainer.args)))
+        chunk = model_lib.unwrap(trainer.model)[0]
+        chunk.eval()
+        with torch.no_grad():
+            return chunk(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+
+
+def test_identity_depth_growth_through_the_cli_keeps_the_logits(source, tmp_path, corpus_prefix,
+                                                                 capsys):
+    """2 -> 4 layers, identity layers inserted in the middle (--insert-at 1): the converted
+    checkpoint loads strictly at 4 layers and its logits equal the source's; the new layers'
+    Adam moments are reset, their weights copy layer 0 with zero output projections, and the
+    growth record marks exactly those layers new (the re-warmup mask)."""
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.element_lr import global_new_mask
+    from megatron_sparkling.operators import depth
+    from megatron_sparkling.plan import GrowthPlan
+    from megatron_sparkling.record import growth_record
+    from megatron_sparkling.spec import GrowthSpec, ModelShape
+
+    src, _ = source
+    dst = tmp_path / "deeper"
+    assert expand("--load", src, "--save", dst, "--num-layers", 4, "--depth-method", "identity",
+                  "--insert-at", 1) == 0
+    assert "--num-layers 4" in capsys.readouterr().out
+    before = _logits(corpus_prefix, src, **NARROW)
+    after = _logits(corpus_prefix, str(dst), dist_ckpt_strictness="raise_all",
+                    **dict(NARROW, num_layers=4))
+    diff = (after - before).abs().max().item()
+    print(f"\nidentity depth 2 -> 4 through expand: max logit change {diff:.2e}")
+    assert diff < 1e-5, diff
+
+    old, grown = open_checkpoint(src), open_checkpoint(str(dst))
+    qkv = "decoder.layers.self_attention.linear_qkv.weight"
+    proj = "decoder.layers.self_attention.linear_proj.weight"
+    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    source_qkv = old.read_model(qkv)
+    assert grown.model_tensors[qkv].shape[0] == 4
+    lmap = depth.stack_map(2, 4, insert_at=1)  # layers 0 | new 1, 0 | 1 (block cycled)
+    assert lmap.source.tolist() == [0, 1, 0, 1]
+    assert torch.equal(grown.read_model(qkv), source_qkv[lmap.source])
+    new = lmap.is_new
+    assert not grown.read_model(proj)[new].any() and grown.read_model(proj)[~new].any()
+    assert not grown.optimizer.read(fc1, "exp_avg")[new].any()
+    assert torch.equal(grown.optimizer.read(fc1, "exp_avg")[~new], old.optimizer.read(fc1, "exp_avg"))
+    record = growth_record(grown.common)
+    assert record["depth"]["method"] == "identity" and record["depth"]["insert_at"] == 1
+    spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]))
+    plan = GrowthPlan.from_state_dict(spec, record["plan"])
+    mask = global_new_mask(plan, fc1, True)
+    assert mask[new].all() and not mask[~new].any()
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -150,6 +209,17 @@ def test_bad_inputs_fail_before_writing_with_one_line(source, tmp_path, capsys):
     refused("--load", src, "--save", dst, "--hidden-size", 32, match="smaller than the source")
     refused("--load", src, "--save", dst, "--num-experts", 6, "--target-expert-model-parallel-size",
             4, match="number of experts: 6 is not divisible by the expert-parallel size 4")
+    refused("--load", src, "--save", dst, "--num-layers", 1,
+            match="number of layers (--num-layers): target 1 is smaller than the source's 2")
+    refused("--load", src, "--save", dst, "--num-layers", 4, "--insert-at", 3,
+            match="--insert-at 3 is outside the source's layers; choose 0 .. 2")
+    refused("--load", src, "--save", dst, "--num-layers", 3, "--target-pipeline-model-parallel-size",
+            2, match="number of layers (--num-layers): 3 is not divisible by the pipeline-parallel "
+                     "size 2; choose a multiple of 2")
+    refused("--load", src, "--save", dst, "--num-layers", 3, "--depth-method", "alternate",
+            match="alternate needs a whole growth factor")
+    refused("--load", src, "--save", dst, "--depth-method", "stack",
+            match="--depth-method stack: the layer count stays 2")
     refused("--load", src, "--save", os.path.join(src, "inside"), match="overlaps --load")
     refused("--load", src, "--save", dst, "--iteration", 9, match="choose --iteration among")
     (tmp_path / "empty").mkdir()
