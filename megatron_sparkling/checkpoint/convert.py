@@ -146,7 +146,8 @@ class Conversion:
         except (ValueError, GrowthSpecError):
             return target  # a bad depth option: validate() names it
         pattern = depth_lib.grown_moe_pattern(src, lmap)
-        if all(target.is_moe_layer(i) == bool(p) for i, p in enumerate(pattern)):
+        if isinstance(target.moe_layer_freq, int) and all(
+                target.is_moe_layer(i) == bool(p) for i, p in enumerate(pattern)):
             return target
         return target.replace(moe_layer_freq=pattern)
 
@@ -293,9 +294,13 @@ class Conversion:
 
         out = {}
         if hasattr(self.grower, "grow_objects"):
-            for key, uniques in extra.items():
-                data = {u: self.src.read_object(u) for u in uniques}
-                for unique, value in self.grower.grow_objects(key, data).items():
+            grown = {key: self.grower.grow_objects(key, {u: self.src.read_object(u)
+                                                          for u in uniques})
+                     for key, uniques in extra.items()}
+            if self.deeper:
+                grown = self._per_layer_objects(grown)
+            for objects in grown.values():
+                for unique, value in objects.items():
                     out[unique] = object_bytes(value)
             return out
         # a Grower without object growth: the target model's objects (every rank of its layout),
@@ -311,6 +316,24 @@ class Conversion:
             offset = tuple(o % s for o, s in zip(obj.global_offset, source.global_shape))
             src_unique = ShardedObject(obj.key, None, source.global_shape, offset).unique_key
             out[unique] = self.src.read_object_bytes(src_unique)
+        return out
+
+    def _per_layer_objects(self, grown: dict) -> dict:
+        """Objects of per-layer keys (`decoder.layers.<i>.<module>._extra_state`, mixed
+        dense/MoE stacks) under the deeper model's layer numbers: a copied layer's are its
+        source layer's, a fresh layer's are None (the module's default state)."""
+        per_layer = [k for k in grown if layout_lib.layer_of_key(k) is not None]
+        out = {k: v for k, v in grown.items() if k not in per_layer}
+        try:
+            renamed = depth_lib.target_keys(per_layer, self.layer_map, self.source_shape,
+                                            self.target_shape)
+        except GrowthSpecError as e:
+            raise CheckpointError(str(e)) from None
+        for key, source in renamed.items():
+            like = source or next(layout_lib.with_layer(key, j) for j in range(
+                self.source_shape.num_layers) if layout_lib.with_layer(key, j) in grown)
+            out[key] = {key + unique[len(like):]: (None if source is None else value)
+                        for unique, value in grown[like].items()}
         return out
 
     def _common(self) -> dict:
