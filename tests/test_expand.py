@@ -195,6 +195,31 @@ def test_identity_depth_growth_through_the_cli_keeps_the_logits(source, tmp_path
     assert mask[new].all() and not mask[~new].any()
 
 
+def test_random_depth_and_width_in_one_conversion(source, tmp_path, corpus_prefix):
+    """2 -> 3 layers (random: a fresh layer drawn as megatron-core initialises one, with the
+    grown run's --init-method-std) and 2x expert FFN in one conversion: the fresh layer's weights
+    and fp32 main params agree, its Adam moments are zero, it is no copy of a source layer, and
+    the result loads strictly and trains."""
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+
+    src, _ = source
+    dst = tmp_path / "random"
+    assert expand("--load", src, "--save", dst, "--num-layers", 3, "--depth-method", "random",
+                  "--moe-ffn-hidden-size", 256) == 0
+    grown, old = open_checkpoint(str(dst)), open_checkpoint(src)
+    qkv = "decoder.layers.self_attention.linear_qkv.weight"
+    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    fresh = grown.read_model(qkv)[2]
+    assert all(not torch.allclose(fresh, layer) for layer in old.read_model(qkv))
+    assert abs(fresh.std().item() / grown.args.init_method_std - 1) < 0.1
+    assert torch.equal(grown.optimizer.read(qkv, "param")[2], fresh.float())
+    assert not grown.optimizer.read(fc1, "exp_avg_sq")[2].any()
+    assert grown.read_model(fc1).shape == (3, 4, 512, 64)
+    losses = resume(corpus_prefix, str(dst), 2, dist_ckpt_strictness="raise_all",
+                    **dict(NARROW, num_layers=3, moe_ffn_hidden_size=256))
+    assert all(0 < loss < 6 for loss in losses), losses
+
+
 def test_depth_growth_of_a_mixed_dense_moe_stack(tmp_path, corpus_prefix, capsys):
     """A dense/MoE stack (--moe-layer-freq [1,0]: megatron-core stores it per layer) grown 2 -> 4
     layers (alternate) and 2x expert FFN in one conversion: per-layer keys of the new layers

@@ -123,7 +123,8 @@ class Conversion:
         self.target_args = self._target_args()
         self.deeper = layout_lib.Axis.LAYER in self.spec.grown_axes()
         self.layer_map = depth_lib.plan_layer_map(self.spec) if self.deeper else None
-        self.fresh = depth_lib.FreshInit.from_args(self.target_args, req.seed)
+        self.fresh = depth_lib.FreshInit.from_args(self.target_args, req.seed) if (
+            self.deeper) else None
         self.grower = self._grower() if self.grown else None
         target_run = shadow.run_args(self.target_args)
         self._target = shadow.build_layouts(target_run, shadow.stage_ranks(target_run),
@@ -245,8 +246,7 @@ class Conversion:
             params = {name: t for lay in self._target for name, t in lay.tensors.items()}
             param_keys = {p.key for t in params.values() if t.is_param for p in t.pieces}
             stored = set(self.optimizer.keys)
-            missing = sorted(k for k in param_keys
-                             if self.sources.get(k) is not None and self.sources[k] not in stored)
+            missing = sorted(k for k in param_keys if self._like(k) not in stored)
             if missing:
                 raise CheckpointError(f"the checkpoint has no optimizer state for {missing[:3]}; "
                                       "pass --no-optimizer to convert without it")
@@ -254,15 +254,11 @@ class Conversion:
                 if key not in self.src.model_tensors:
                     raise CheckpointError(f"optimizer state for {key}, which is no model tensor; "
                                           "the checkpoint is inconsistent, re-save it")
-            for key in sorted(k for k in self.sources if self._source_has_state(k, stored)):
+            for key in sorted(k for k in self.sources if self._like(k) in stored):
                 for kind in WRITTEN_KINDS:
                     specs[OPTIMIZER_PREFIX.format(kind=kind) + key] = TensorSpec(
                         specs[key].shape, torch.float32)
         return specs
-
-    def _source_has_state(self, key: str, stored: set) -> bool:
-        """A target tensor has optimizer state if its source (a fresh layer's like) has."""
-        return self._like(key) in stored
 
     def _objects(self) -> dict:
         """unique key -> bytes of the ShardedObjects to write."""
