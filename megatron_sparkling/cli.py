@@ -149,7 +149,7 @@ def expand_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=None,
                    help="source iteration (default: the tracker file's)")
     sizes = p.add_argument_group("target sizes (default: the source's)")
-    for flag in ("hidden-size", "ffn-hidden-size", "moe-ffn-hidden-size",
+    for flag in ("num-layers", "hidden-size", "ffn-hidden-size", "moe-ffn-hidden-size",
                  "moe-shared-expert-intermediate-size", "num-attention-heads",
                  "num-query-groups", "num-experts", "moe-router-topk"):
         sizes.add_argument("--" + flag, type=int, default=None)
@@ -162,6 +162,23 @@ def expand_parser() -> argparse.ArgumentParser:
                    help="learning-rate re-warmup length after growth (stored in the record)")
     g.add_argument("--rewarmup-peak-ratio", type=float, default=None,
                    help="re-warmup peak relative to the scheduled learning rate")
+    from megatron_sparkling.spec import DEPTH_METHODS, DEPTH_PLACEMENTS, NEW_LAYER_STATES
+
+    d = p.add_argument_group("depth growth (with --num-layers above the source's; combines with "
+                             "the width sizes in one conversion)")
+    d.add_argument("--depth-method", choices=DEPTH_METHODS, default=None,
+                   help="stack (default): append copies of the layers below --insert-at; "
+                        "alternate: layer i -> 2i, 2i+1; interpolate (Apollo): layer i takes "
+                        "int(i L/L'); identity: copies with zero output projections (exact); "
+                        "random: fresh layers as megatron-core initialises them")
+    d.add_argument("--insert-at", type=int, default=None, metavar="I",
+                   help="stack (and identity / random placed like it): insert the new layers "
+                        "before source layer I, 0 .. L (default: on top)")
+    d.add_argument("--depth-placement", choices=DEPTH_PLACEMENTS, default=None,
+                   help="layer order of identity / random layers (default stack)")
+    d.add_argument("--depth-new-state", choices=NEW_LAYER_STATES, default=None,
+                   help="optimizer state of new layers: reset to zero (default) or copied from "
+                        "the source layer")
     t = p.add_argument_group("target layout (validated; the checkpoint loads at any layout, the "
                              "optimizer param groups are shaped for the expert-parallel size)")
     t.add_argument("--target-tensor-model-parallel-size", type=int, default=None)
@@ -197,7 +214,7 @@ def _option_value(text: str):
 def expand_request(ns):
     from megatron_sparkling.checkpoint.convert import ExpandRequest
 
-    names = ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size",
+    names = ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size",
              "moe_shared_expert_intermediate_size", "num_attention_heads", "num_query_groups",
              "num_experts", "moe_router_topk")
     sizes = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
@@ -207,8 +224,16 @@ def expand_request(ns):
         if not sep:
             raise SystemExit(f"--method-option {item!r}: write NAME=VALUE")
         options[name.replace("-", "_")] = _option_value(value)
+    depth = None
+    if any(v is not None for v in (ns.depth_method, ns.insert_at, ns.depth_placement,
+                                   ns.depth_new_state)):
+        from megatron_sparkling.spec import DepthOptions
+
+        depth = DepthOptions(ns.depth_method or "stack", ns.insert_at, ns.depth_placement,
+                             ns.depth_new_state or "reset")
     return ExpandRequest(
-        load=ns.load, save=ns.save, iteration=ns.iteration, sizes=sizes, method=ns.method,
+        load=ns.load, save=ns.save, iteration=ns.iteration, sizes=sizes, depth=depth,
+        method=ns.method,
         seed=ns.seed, options=options, tensor_parallel=ns.target_tensor_model_parallel_size,
         pipeline_parallel=ns.target_pipeline_model_parallel_size,
         expert_parallel=ns.target_expert_model_parallel_size,

@@ -197,7 +197,7 @@ def validate(spec: GrowthSpec, parallel: Optional[ParallelLayout] = None) -> Non
             raise GrowthSpecError(f"{label}: target {b} is smaller than the source's {a}; "
                                   f"choose {a} or more (growth only widens)")
     if tgt.num_layers < src.num_layers:
-        raise GrowthSpecError(f"number of layers: target {tgt.num_layers} is smaller than the "
+        raise GrowthSpecError(f"number of layers (--num-layers): target {tgt.num_layers} is smaller than the "
                               f"source's {src.num_layers}; choose {src.num_layers} or more")
     if tgt.num_layers != src.num_layers:
         from megatron_sparkling.operators import depth
@@ -238,7 +238,8 @@ def _validate_parallel(tgt: ModelShape, p: ParallelLayout) -> None:
          "tensor-parallel size"),
         ("expert FFN size", tgt.moe_ffn_hidden_size, p.expert_tp, "expert tensor-parallel size"),
         ("number of experts", tgt.num_experts, p.expert, "expert-parallel size"),
-        ("number of layers", tgt.num_layers, p.pipeline, "pipeline-parallel size"),
+        ("number of layers (--num-layers)", tgt.num_layers, p.pipeline,
+         "pipeline-parallel size"),
     ]
     for label, size, parts, what in checks:
         if size is not None and parts > 1 and size % parts:

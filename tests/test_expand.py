@@ -1,5 +1,6 @@
 """`megatron-sparkling expand` on real checkpoints of the pre-training script: plain format
-conversion, growth through a (test-local) copy method, safety, atomicity and memory."""
+conversion, growth with the registered `sparkling` method (width, depth, experts), safety,
+atomicity and memory."""
 import hashlib
 import os
 import shutil
@@ -13,7 +14,6 @@ import torch
 
 from conftest import REPO, megatron_run, tiny_moe_flags
 from megatron_sparkling.cli import main
-from growth_fixture import copy_method  # noqa: F401  (autouse fixture)
 
 SAVE_AT, TOTAL = 4, 8
 NARROW = dict(train_iters=TOTAL, lr_warmup_iters=2, hidden_dropout=0, attention_dropout=0,
@@ -87,14 +87,15 @@ def test_converted_checkpoint_loads_without_the_distributed_optimizer(
 
 
 def test_growth_through_the_cli_preserves_the_loss(source, tmp_path, corpus_prefix, capsys):
-    """2x hidden and 2x expert FFN with the copy fixture: the grown model's first loss is the
-    narrow model's loss on the same batch; every optimizer tensor is grown too."""
+    """2x hidden and 2x expert FFN with `sparkling` (copy-copy: function preserving at 2x): the
+    grown model's first loss is the narrow model's loss on the same batch; every optimizer
+    tensor is grown too (old elements keep their Adam state, new ones start at zero)."""
     from megatron_sparkling.checkpoint.reader import open_checkpoint
 
     src, continued = source
     dst = tmp_path / "grown"
     assert expand("--load", src, "--save", dst, "--hidden-size", 128, "--moe-ffn-hidden-size",
-                  256, "--method", "test-index-copy", "--seed", 7, "--rewarmup-iters", 3,
+                  256, "--method", "sparkling", "--seed", 7, "--rewarmup-iters", 3,
                   "--rewarmup-peak-ratio", 0.5) == 0
     out = capsys.readouterr().out
     assert "--hidden-size 128" in out and "--kv-channels 16" in out
@@ -105,8 +106,20 @@ def test_growth_through_the_cli_preserves_the_loss(source, tmp_path, corpus_pref
     assert grown.optimizer.format == "fully_reshardable"
     assert grown.optimizer.read(fc1, "exp_avg_sq").shape == (2, 4, 512, 128)
     record = grown.common["sparkling"]
-    assert record["growth"]["method"] == "test-index-copy" and record["growth"]["seed"] == 7
+    assert record["growth"]["method"] == "sparkling" and record["growth"]["seed"] == 7
     assert record["rewarmup"] == {"iters": 3, "peak_ratio": 0.5, "start_iteration": SAVE_AT}
+    from megatron_sparkling.element_lr import global_new_mask
+    from megatron_sparkling.plan import GrowthPlan
+    from megatron_sparkling.spec import GrowthSpec, ModelShape
+
+    growth = record["growth"]
+    plan = GrowthPlan.from_state_dict(GrowthSpec(ModelShape(**growth["source"]),
+                                                 ModelShape(**growth["target"])), growth["plan"])
+    new = global_new_mask(plan, fc1, True)
+    m = grown.optimizer.read(fc1, "exp_avg")
+    assert 0 < new.float().mean() < 1 and not m[new].any()          # S' = [S, 0]
+    assert torch.equal(m[~new].sort().values,
+                       open_checkpoint(src).optimizer.read(fc1, "exp_avg").flatten().sort().values)
     assert grown.args.hidden_size == 128 and grown.args.moe_ffn_hidden_size == 256
     first = resume(corpus_prefix, str(dst), 1, dist_ckpt_strictness="raise_all", **WIDE)[0]
     assert abs(first - continued[0]) / continued[0] < 1e-4, (first, continued[0])
@@ -117,11 +130,130 @@ def test_expert_count_growth_loads_strictly(source, tmp_path, corpus_prefix):
     grown model is written, so a strict load finds exactly what it asks for."""
     src, _ = source
     dst = tmp_path / "more_experts"
-    assert expand("--load", src, "--save", dst, "--num-experts", 8, "--method",
-                  "test-index-copy") == 0
+    assert expand("--load", src, "--save", dst, "--num-experts", 8, "--method", "sparkling") == 0
     losses = resume(corpus_prefix, str(dst), 2, dist_ckpt_strictness="raise_all",
                     **dict(NARROW, num_experts=8))
     assert all(0 < loss < 6 for loss in losses)
+
+
+def _logits(corpus_prefix, load, **flags):
+    """Logits of a checkpoint's model on the first validation micro-batch (eval mode)."""
+    from megatron_sparkling.training import data
+    from megatron_sparkling.training import model as model_lib
+
+    with megatron_run(tiny_moe_flags(corpus_prefix, load=load, **flags)) as trainer:
+        batch = data.to_device(next(data.microbatches(trainer.valid_ds, 0, 1, trainer.args)))
+        chunk = model_lib.unwrap(trainer.model)[0]
+        chunk.eval()
+        with torch.no_grad():
+            return chunk(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+
+
+def test_identity_depth_growth_through_the_cli_keeps_the_logits(source, tmp_path, corpus_prefix,
+                                                                 capsys):
+    """2 -> 4 layers, identity layers inserted in the middle (--insert-at 1): the converted
+    checkpoint loads strictly at 4 layers and its logits equal the source's; the new layers'
+    Adam moments are reset, their weights copy layer 0 with zero output projections, and the
+    growth record marks exactly those layers new (the re-warmup mask)."""
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.element_lr import global_new_mask
+    from megatron_sparkling.operators import depth
+    from megatron_sparkling.plan import GrowthPlan
+    from megatron_sparkling.record import growth_record
+    from megatron_sparkling.spec import GrowthSpec, ModelShape
+
+    src, _ = source
+    dst = tmp_path / "deeper"
+    assert expand("--load", src, "--save", dst, "--num-layers", 4, "--depth-method", "identity",
+                  "--insert-at", 1) == 0
+    assert "--num-layers 4" in capsys.readouterr().out
+    before = _logits(corpus_prefix, src, **NARROW)
+    after = _logits(corpus_prefix, str(dst), dist_ckpt_strictness="raise_all",
+                    **dict(NARROW, num_layers=4))
+    diff = (after - before).abs().max().item()
+    print(f"\nidentity depth 2 -> 4 through expand: max logit change {diff:.2e}")
+    assert diff < 1e-5, diff
+
+    old, grown = open_checkpoint(src), open_checkpoint(str(dst))
+    qkv = "decoder.layers.self_attention.linear_qkv.weight"
+    proj = "decoder.layers.self_attention.linear_proj.weight"
+    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    source_qkv = old.read_model(qkv)
+    assert grown.model_tensors[qkv].shape[0] == 4
+    lmap = depth.stack_map(2, 4, insert_at=1)  # layers 0 | new 1, 0 | 1 (block cycled)
+    assert lmap.source.tolist() == [0, 1, 0, 1]
+    assert torch.equal(grown.read_model(qkv), source_qkv[lmap.source])
+    new = lmap.is_new
+    assert not grown.read_model(proj)[new].any() and grown.read_model(proj)[~new].any()
+    assert not grown.optimizer.read(fc1, "exp_avg")[new].any()
+    assert torch.equal(grown.optimizer.read(fc1, "exp_avg")[~new], old.optimizer.read(fc1, "exp_avg"))
+    record = growth_record(grown.common)
+    assert record["depth"]["method"] == "identity" and record["depth"]["insert_at"] == 1
+    spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]))
+    plan = GrowthPlan.from_state_dict(spec, record["plan"])
+    mask = global_new_mask(plan, fc1, True)
+    assert mask[new].all() and not mask[~new].any()
+
+
+def test_random_depth_and_width_in_one_conversion(source, tmp_path, corpus_prefix):
+    """2 -> 3 layers (random: a fresh layer drawn as megatron-core initialises one, with the
+    grown run's --init-method-std) and 2x expert FFN in one conversion: the fresh layer's weights
+    and fp32 main params agree, its Adam moments are zero, it is no copy of a source layer, and
+    the result loads strictly and trains."""
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+
+    src, _ = source
+    dst = tmp_path / "random"
+    assert expand("--load", src, "--save", dst, "--num-layers", 3, "--depth-method", "random",
+                  "--moe-ffn-hidden-size", 256) == 0
+    grown, old = open_checkpoint(str(dst)), open_checkpoint(src)
+    qkv = "decoder.layers.self_attention.linear_qkv.weight"
+    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    fresh = grown.read_model(qkv)[2]
+    assert all(not torch.allclose(fresh, layer) for layer in old.read_model(qkv))
+    assert abs(fresh.std().item() / grown.args.init_method_std - 1) < 0.1
+    assert torch.equal(grown.optimizer.read(qkv, "param")[2], fresh.float())
+    assert not grown.optimizer.read(fc1, "exp_avg_sq")[2].any()
+    assert grown.read_model(fc1).shape == (3, 4, 512, 64)
+    losses = resume(corpus_prefix, str(dst), 2, dist_ckpt_strictness="raise_all",
+                    **dict(NARROW, num_layers=3, moe_ffn_hidden_size=256))
+    assert all(0 < loss < 6 for loss in losses), losses
+
+
+def test_depth_growth_of_a_mixed_dense_moe_stack(tmp_path, corpus_prefix, capsys):
+    """A dense/MoE stack (--moe-layer-freq [1,0]: megatron-core stores it per layer) grown 2 -> 4
+    layers (alternate) and 2x expert FFN in one conversion: per-layer keys of the new layers
+    come from their source layers, the grown --moe-layer-freq keeps each copy's type and is
+    printed, the result loads strictly and trains; identity layers keep the logits."""
+    from megatron_sparkling.checkpoint.reader import open_checkpoint
+
+    mixed = dict(NARROW, moe_layer_freq="[1,0]", ffn_hidden_size=96)
+    src = tmp_path / "mixed"
+    with megatron_run(tiny_moe_flags(corpus_prefix, **mixed)) as trainer:
+        trainer.train(until_iteration=SAVE_AT)
+        trainer.save(str(src))
+    dst = tmp_path / "alternate"
+    assert expand("--load", src, "--save", dst, "--num-layers", 4, "--depth-method", "alternate",
+                  "--moe-ffn-hidden-size", 256) == 0
+    assert "--moe-layer-freq [1,1,0,0]" in capsys.readouterr().out
+    grown = open_checkpoint(str(dst))
+    fc2 = "decoder.layers.{}.mlp.linear_fc2.weight"       # dense layers 2, 3 copy layer 1
+    old = open_checkpoint(str(src))
+    assert torch.equal(grown.read_model(fc2.format(3)), old.read_model(fc2.format(1)))
+    assert not grown.optimizer.read(fc2.format(3), "exp_avg").any()
+    assert torch.equal(grown.optimizer.read(fc2.format(2), "exp_avg"),
+                       old.optimizer.read(fc2.format(1), "exp_avg"))
+    losses = resume(corpus_prefix, str(dst), 2, dist_ckpt_strictness="raise_all",
+                    **dict(mixed, num_layers=4, moe_layer_freq="[1,1,0,0]",
+                           moe_ffn_hidden_size=256))
+    assert all(0 < loss < 6 for loss in losses), losses
+    identity = tmp_path / "identity"
+    assert expand("--load", src, "--save", identity, "--num-layers", 4,
+                  "--depth-method", "identity") == 0
+    before = _logits(corpus_prefix, str(src), **mixed)
+    after = _logits(corpus_prefix, str(identity), dist_ckpt_strictness="raise_all",
+                    **dict(mixed, num_layers=4, moe_layer_freq="[1,0,1,0]"))
+    assert (after - before).abs().max().item() < 1e-5
 
 
 def _copy(src, dst):
@@ -150,6 +282,17 @@ def test_bad_inputs_fail_before_writing_with_one_line(source, tmp_path, capsys):
     refused("--load", src, "--save", dst, "--hidden-size", 32, match="smaller than the source")
     refused("--load", src, "--save", dst, "--num-experts", 6, "--target-expert-model-parallel-size",
             4, match="number of experts: 6 is not divisible by the expert-parallel size 4")
+    refused("--load", src, "--save", dst, "--num-layers", 1,
+            match="number of layers (--num-layers): target 1 is smaller than the source's 2")
+    refused("--load", src, "--save", dst, "--num-layers", 4, "--insert-at", 3,
+            match="--insert-at 3 is outside the source's layers; choose 0 .. 2")
+    refused("--load", src, "--save", dst, "--num-layers", 3, "--target-pipeline-model-parallel-size",
+            2, match="number of layers (--num-layers): 3 is not divisible by the pipeline-parallel "
+                     "size 2; choose a multiple of 2")
+    refused("--load", src, "--save", dst, "--num-layers", 3, "--depth-method", "alternate",
+            match="alternate needs a whole growth factor")
+    refused("--load", src, "--save", dst, "--depth-method", "stack",
+            match="--depth-method stack: the layer count stays 2")
     refused("--load", src, "--save", os.path.join(src, "inside"), match="overlaps --load")
     refused("--load", src, "--save", dst, "--iteration", 9, match="choose --iteration among")
     (tmp_path / "empty").mkdir()

@@ -12,7 +12,11 @@ The pipeline behind `megatron-sparkling expand`:
    conversion) and written (`writer`), into a staging folder beside the target. Tensors stacked
    over layers (`decoder.layers.<name>`, shape (L, ...)) are streamed one layer at a time, grown
    under their per-layer keys (`decoder.layers.<i>.<name>`), so memory is bounded by one layer's
-   slice, not by the model's depth (unless the layer count itself grows);
+   slice, not by the model's depth. When the layer count grows (`--num-layers`, the depth
+   options of operators/depth.py), every TARGET layer i is made from the slice of its source
+   layer (the plan's layer map), width-grown under the target key, then finished by the depth
+   method (identity's zero projections, fresh layers drawn, new layers' optimizer state reset
+   or kept); per-layer keys of new layers are derived from their source layer's;
 4. publish atomically (`commit`): rename into `iter_N`, then the tracker file.
 
 Written format: optimizer state in MODEL SPACE as `fully_reshardable` (`optimizer.state.param /
@@ -37,7 +41,15 @@ from megatron_sparkling.checkpoint.dcp import TensorSpec
 from megatron_sparkling.checkpoint.reader import open_checkpoint
 from megatron_sparkling.checkpoint.writer import write_torch_dist
 from megatron_sparkling.record import RECORD_KEY
-from megatron_sparkling.spec import GrowthSpec, ModelShape, ParallelLayout, validate
+from megatron_sparkling.operators import depth as depth_lib
+from megatron_sparkling.spec import (
+    DepthOptions,
+    GrowthSpec,
+    GrowthSpecError,
+    ModelShape,
+    ParallelLayout,
+    validate,
+)
 from megatron_sparkling.training.checkpointing import CheckpointError
 
 OPTIMIZER_PREFIX = "optimizer.state.{kind}."
@@ -50,6 +62,7 @@ class ExpandRequest:
     save: str
     iteration: Optional[int] = None
     sizes: dict = field(default_factory=dict)          # ModelShape field -> target value
+    depth: Optional[DepthOptions] = None               # how the layer axis grows (default stack)
     method: str = "sparkling"
     method_instance: object = None                     # a GrowthMethod (else by name)
     seed: int = 1234
@@ -90,7 +103,7 @@ class Conversion:
         self.src.check_args_match_tensors()
         args = self.src.args
         self.source_shape = ModelShape.from_args(args)
-        self.target_shape = self.source_shape.replace(**req.sizes)
+        self.target_shape = self._grown_layer_pattern(self.source_shape.replace(**req.sizes))
         self.parallel = ParallelLayout(
             tensor=req.tensor_parallel or args.tensor_model_parallel_size,
             pipeline=req.pipeline_parallel or args.pipeline_model_parallel_size,
@@ -98,25 +111,66 @@ class Conversion:
             expert_tensor=req.expert_tensor_parallel or getattr(
                 args, "expert_tensor_parallel_size", None))
         self.spec = GrowthSpec(self.source_shape, self.target_shape, req.method, req.seed,
-                               dict(req.options))
+                               dict(req.options), req.depth or DepthOptions())
+        if req.depth is not None and self.target_shape.num_layers == self.source_shape.num_layers:
+            raise GrowthSpecError(f"--depth-method {req.depth.method}: the layer count stays "
+                                  f"{self.source_shape.num_layers}; give --num-layers above it "
+                                  "(or drop the depth options)")
         validate(self.spec, self.parallel)
         self.grown = bool(self.spec.grown_axes())
-        self.grower = self._grower() if self.grown else None
         self.keep_rng = req.keep_rng and self._rng_loadable()
         self.optimizer = None if req.drop_optimizer else self.src.optimizer
         self.target_args = self._target_args()
+        self.deeper = layout_lib.Axis.LAYER in self.spec.grown_axes()
+        self.layer_map = depth_lib.plan_layer_map(self.spec) if self.deeper else None
+        self.fresh = depth_lib.FreshInit.from_args(self.target_args, req.seed) if (
+            self.deeper) else None
+        self.grower = self._grower() if self.grown else None
         target_run = shadow.run_args(self.target_args)
         self._target = shadow.build_layouts(target_run, shadow.stage_ranks(target_run),
                                             with_optimizer=True, exact=False)
+        self.sources = self._source_keys()
         self.specs = self._tensor_specs()
         self.objects = self._objects()
         self.common = self._common()
 
     # ------------------------------------------------------------------ decisions
+    def _grown_layer_pattern(self, target: ModelShape) -> ModelShape:
+        """A deeper target whose MoE layers are not all layers gets the --moe-layer-freq list
+        that keeps every copied layer's type (dense or MoE), as depth.validate asks."""
+        src, depth = self.source_shape, self.req.depth or DepthOptions()
+        if (target.num_layers <= src.num_layers or not src.num_experts
+                or src.moe_layer_freq == 1 or "moe_layer_freq" in self.req.sizes):
+            return target
+        try:
+            lmap = depth_lib.plan_layer_map(GrowthSpec(src, target, depth=depth))
+        except (ValueError, GrowthSpecError):
+            return target  # a bad depth option: validate() names it
+        pattern = depth_lib.grown_moe_pattern(src, lmap)
+        if isinstance(target.moe_layer_freq, int) and all(
+                target.is_moe_layer(i) == bool(p) for i, p in enumerate(pattern)):
+            return target
+        return target.replace(moe_layer_freq=pattern)
+
     def _grower(self):
         from megatron_sparkling.checkpoint.growing import make_grower
+        from megatron_sparkling.methods.base import get_method
 
-        return make_grower(self.spec, self.src.model_tensors, self.req.method_instance)
+        try:
+            method = self.req.method_instance or get_method(self.spec.method, **self.spec.options)
+        except ValueError as e:  # unknown method or option
+            raise CheckpointError(str(e)) from None
+        if self.deeper and hasattr(method, "fresh_layer_rule"):
+            # a width method growing a whole stacked tensor fills fresh layers as depth draws them
+            method.fresh_layer_rule = depth_lib.fresh_layer_rule(
+                self.layer_map, self.spec.depth, self.fresh, self.source_shape.swiglu)
+        grower = make_grower(self.spec, self.src.model_tensors, method)
+        if self.deeper:
+            planned = grower.plan.units[layout_lib.Axis.LAYER]
+            if not torch.equal(planned.source, self.layer_map.source):
+                raise CheckpointError(f"growth method {method.name} places layers its own way; "
+                                      "grow depth with a method that follows --depth-method")
+        return grower
 
     def _rng_loadable(self) -> bool:
         args, p = self.src.args, self.parallel
@@ -143,30 +197,56 @@ class Conversion:
             args.no_save_optim = True
         return args
 
+    def _source_keys(self) -> dict:
+        """{target model key: the source key it grows from, None for a fresh per-layer tensor},
+        checked against the keys of the target model (built on the meta device)."""
+        keys = list(self.src.model_tensors)
+        if self.deeper:
+            try:
+                derived = depth_lib.target_keys(keys, self.layer_map, self.source_shape,
+                                                self.target_shape)
+            except GrowthSpecError as e:
+                raise CheckpointError(str(e)) from None
+        else:
+            derived = {k: k for k in keys}
+        target = {k for lay in self._target for k in lay.global_shapes}
+        if set(target) != set(derived):
+            extra = sorted(target - set(derived))[:3]
+            lacking = sorted(set(derived) - target)[:3]
+            raise CheckpointError(f"the target model's tensors differ from the source's (target "
+                                  f"only: {extra}, source only: {lacking}); the growth would "
+                                  "change the architecture, keep the other flags as in the source")
+        return derived
+
+    def _like(self, key: str) -> str:
+        """A source key of the same tensor as target key `key` (a fresh layer's: another layer)."""
+        if self.sources[key] is not None:
+            return self.sources[key]
+        for j in range(self.source_shape.num_layers):
+            like = layout_lib.with_layer(key, j)
+            if like in self.src.model_tensors:
+                return like
+        raise CheckpointError(f"{key}: no source layer holds this tensor")
+
     def _tensor_specs(self) -> dict:
         target_shapes: dict = {}
         for lay in self._target:
             target_shapes.update(lay.global_shapes)
-        source_keys = set(self.src.model_tensors)
-        if set(target_shapes) != source_keys:
-            extra = sorted(set(target_shapes) - source_keys)[:3]
-            lacking = sorted(source_keys - set(target_shapes))[:3]
-            raise CheckpointError(f"the target model's tensors differ from the source's (target "
-                                  f"only: {extra}, source only: {lacking}); the growth would "
-                                  "change the architecture, keep the other flags as in the source")
-        specs = {k: TensorSpec(tuple(target_shapes[k]), self.src.model_tensors[k].dtype)
-                 for k in sorted(source_keys)}
+        specs = {k: TensorSpec(tuple(target_shapes[k]), self.src.model_tensors[self._like(k)].dtype)
+                 for k in sorted(self.sources)}
         if self.optimizer is not None:
             params = {name: t for lay in self._target for name, t in lay.tensors.items()}
             param_keys = {p.key for t in params.values() if t.is_param for p in t.pieces}
-            missing = sorted(param_keys - set(self.optimizer.keys))
+            stored = set(self.optimizer.keys)
+            missing = sorted(k for k in param_keys if self._like(k) not in stored)
             if missing:
                 raise CheckpointError(f"the checkpoint has no optimizer state for {missing[:3]}; "
                                       "pass --no-optimizer to convert without it")
-            for key in self.optimizer.keys:
-                if key not in specs:
+            for key in stored:
+                if key not in self.src.model_tensors:
                     raise CheckpointError(f"optimizer state for {key}, which is no model tensor; "
                                           "the checkpoint is inconsistent, re-save it")
+            for key in sorted(k for k in self.sources if self._like(k) in stored):
                 for kind in WRITTEN_KINDS:
                     specs[OPTIMIZER_PREFIX.format(kind=kind) + key] = TensorSpec(
                         specs[key].shape, torch.float32)
@@ -202,9 +282,13 @@ class Conversion:
 
         out = {}
         if hasattr(self.grower, "grow_objects"):
-            for key, uniques in extra.items():
-                data = {u: self.src.read_object(u) for u in uniques}
-                for unique, value in self.grower.grow_objects(key, data).items():
+            grown = {key: self.grower.grow_objects(key, {u: self.src.read_object(u)
+                                                          for u in uniques})
+                     for key, uniques in extra.items()}
+            if self.deeper:
+                grown = self._per_layer_objects(grown)
+            for objects in grown.values():
+                for unique, value in objects.items():
                     out[unique] = object_bytes(value)
             return out
         # a Grower without object growth: the target model's objects (every rank of its layout),
@@ -220,6 +304,24 @@ class Conversion:
             offset = tuple(o % s for o, s in zip(obj.global_offset, source.global_shape))
             src_unique = ShardedObject(obj.key, None, source.global_shape, offset).unique_key
             out[unique] = self.src.read_object_bytes(src_unique)
+        return out
+
+    def _per_layer_objects(self, grown: dict) -> dict:
+        """Objects of per-layer keys (`decoder.layers.<i>.<module>._extra_state`, mixed
+        dense/MoE stacks) under the deeper model's layer numbers: a copied layer's are its
+        source layer's, a fresh layer's are None (the module's default state)."""
+        per_layer = [k for k in grown if layout_lib.layer_of_key(k) is not None]
+        out = {k: v for k, v in grown.items() if k not in per_layer}
+        try:
+            renamed = depth_lib.target_keys(per_layer, self.layer_map, self.source_shape,
+                                            self.target_shape)
+        except GrowthSpecError as e:
+            raise CheckpointError(str(e)) from None
+        for key, source in renamed.items():
+            like = source or next(layout_lib.with_layer(key, j) for j in range(
+                self.source_shape.num_layers) if layout_lib.with_layer(key, j) in grown)
+            out[key] = {key + unique[len(like):]: (None if source is None else value)
+                        for unique, value in grown[like].items()}
         return out
 
     def _common(self) -> dict:
@@ -259,21 +361,39 @@ class Conversion:
 
     # ------------------------------------------------------------------ streaming
     def layered(self) -> dict:
-        """Keys streamed one layer at a time: stacked keys, unless the layer count grows."""
-        if layout_lib.Axis.LAYER in self.spec.grown_axes():
-            return {}
+        """Keys streamed one (target) layer at a time: every stacked key."""
         return {k: True for k in self.specs if layout_lib.is_stacked(k)}
 
     def produce(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """One target tensor, or one layer of a stacked one, grown under its per-layer key."""
+        """One target tensor, or one target layer of a stacked one, grown under its per-layer
+        key; with depth growth, from its source layer (a fresh layer: drawn by the depth rule)."""
         from megatron_sparkling.checkpoint.growing import GrownTensors
 
-        tensor = GrownTensors(self.src, self.grower, self.optimizer).read(key, layer)
+        prefix, model_key = layout_lib.split_state_key(key)
+        kind = layout_lib.state_kind(key)
+        grow_key = key if layer is None else layout_lib.layer_key(key, layer)
+        source_key, source_layer = self.sources[model_key], layer
+        if self.deeper and layer is not None:
+            source_layer = int(self.layer_map.source[layer])
+            source_key = None if source_layer < 0 else source_key
+        if source_key is None:  # a fresh layer: nothing to read, the depth method draws it
+            shape = self.specs[key].shape[1:] if layer is not None else self.specs[key].shape
+            tensor = torch.zeros(shape, dtype=torch.float32)
+        else:
+            stored = GrownTensors(self.src, optimizer=self.optimizer)   # as stored, not grown
+            tensor = stored.read(prefix + source_key, source_layer)
+            if self.grower is not None:
+                tensor = self.grower.grow(grow_key, tensor, kind)
+        if self.deeper:
+            tensor = depth_lib.finish_new_layers(grow_key, tensor, kind, self.layer_map,
+                                                 self.spec.depth, self.fresh,
+                                                 self.source_shape.swiglu)
         return tensor.to(self.specs[key].dtype)
 
     def relaunch_flags(self) -> list:
         t = self.target_shape
-        flags = ["--load", self.req.save, "--hidden-size", t.hidden_size,
+        flags = ["--load", self.req.save, "--num-layers", t.num_layers,
+                 "--hidden-size", t.hidden_size,
                  "--num-attention-heads", t.num_attention_heads, "--kv-channels", t.kv_channels]
         if t.num_query_groups != t.num_attention_heads or getattr(
                 self.src.args, "group_query_attention", False):
@@ -282,6 +402,8 @@ class Conversion:
         if t.num_experts:
             flags += ["--num-experts", t.num_experts, "--moe-ffn-hidden-size",
                       t.moe_ffn_hidden_size, "--moe-router-topk", t.moe_router_topk]
+        if t.num_experts and t.moe_layer_freq != self.source_shape.moe_layer_freq:
+            flags += ["--moe-layer-freq", str(t.moe_layer_freq).replace(" ", "")]
         if t.moe_shared_expert_intermediate_size:
             flags += ["--moe-shared-expert-intermediate-size",
                       t.moe_shared_expert_intermediate_size]

@@ -147,9 +147,10 @@ def validate(spec: GrowthSpec) -> None:
         raise GrowthSpecError("depth growth from 0 layers: there is no layer to copy; use depth "
                               "method random")
     if opts.insert_at is not None and placement != "stack":
-        raise GrowthSpecError(f"insert-at only applies to the stack placement, not {placement}")
+        raise GrowthSpecError(f"--insert-at only applies to the stack placement, not {placement}; "
+                              "drop it or use depth method stack")
     if opts.insert_at is not None and not 0 <= opts.insert_at <= old:
-        raise GrowthSpecError(f"insert-at {opts.insert_at} is outside the source's layers; "
+        raise GrowthSpecError(f"--insert-at {opts.insert_at} is outside the source's layers; "
                               f"choose 0 .. {old}")
     if placement == "alternate" and old and new % old:
         raise GrowthSpecError(f"depth method alternate needs a whole growth factor: {old} -> "
@@ -354,3 +355,14 @@ class LayerGrowth:
     def __call__(self, key: str, shape, sources: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return grow_layers(key, shape, sources, layout_lib.state_kind(key), self.lmap,
                            self.options, self.fresh, self.swiglu)
+
+
+def fresh_layer_rule(lmap: UnitMap, options: DepthOptions, fresh: FreshInit,
+                     swiglu: bool = True):
+    """The `ElementwiseGrowth.fresh_layer_rule` of a depth growth: a width method that grows a
+    whole stacked tensor fills its source-less layers as `finish_new_layers` draws them."""
+    def rule(key, kind, lay, grown, dim, layers):
+        assert dim == 0, "the layer axis leads a stacked tensor"
+        finished = finish_new_layers(key, grown, kind, lmap, options, fresh, swiglu)
+        grown[layers] = finished[layers]
+    return rule
