@@ -7,13 +7,17 @@ Each conversion is measured in its own process: after the checkpoint is opened a
 validated (source layouts rebuilt, target shapes known), the RSS high-water mark is reset
 (/proc/self/clear_refs) and the streaming write runs; the figure is the high-water mark above
 the RSS at that point. The checkpoints are dp_reshardable (Megatron's default), converted to
-fully_reshardable with no size change: every tensor is read, mapped and written.
+fully_reshardable with no size change (every tensor is read, mapped and written), and grown 2x
+in expert FFN size with sparkling. Throughput is bytes read + written per second, beside that of
+a plain file copy of the same checkpoint on the same disk (copied and fsynced like the
+converter's output).
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 
@@ -34,12 +38,28 @@ def _vm(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(load: str, save: str) -> dict:
+def dir_bytes(root: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+
+
+def file_copy_seconds(src: str, dst: str) -> float:
+    """A plain copy of the checkpoint folder, fsynced (the converter fsyncs its output too)."""
+    start = time.time()
+    shutil.copytree(src, dst)
+    for d, _, files in os.walk(dst):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    return time.time() - start
+
+
+def measure(load: str, save: str, sizes: dict = None) -> dict:
     from megatron_sparkling.checkpoint import convert
     from megatron_sparkling.checkpoint.commit import StagedIteration
     from megatron_sparkling.checkpoint.writer import work_items, write_torch_dist
 
-    req = convert.ExpandRequest(load=load, save=save, progress=False)
+    req = convert.ExpandRequest(load=load, save=save, sizes=sizes or {}, progress=False)
     conv = convert.Conversion(req)
     specs = conv.specs.values()
     pieces = work_items(conv.specs, conv.layered())
@@ -54,7 +74,8 @@ def measure(load: str, save: str) -> dict:
             "largest_tensor_bytes": max(s.nbytes for s in specs),
             "largest_piece_bytes": max(n for _, _, n in pieces),
             "written_bytes": sum(s.nbytes for s in specs), "tensors": len(conv.specs),
-            "seconds": time.time() - start}
+            "seconds": time.time() - start,
+            "io_bytes": dir_bytes(load) + dir_bytes(save)}   # read + written
 
 
 def _build(root: str, corpus: str, size: dict) -> None:
@@ -67,9 +88,10 @@ def _build(root: str, corpus: str, size: dict) -> None:
         trainer.save()
 
 
-def _measure_in_subprocess(src: str, dst: str) -> dict:
+def _measure_in_subprocess(src: str, dst: str, sizes: dict = None) -> dict:
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", src, dst],
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", src, dst,
+                          "--sizes", json.dumps(sizes or {})],
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -81,17 +103,27 @@ def main() -> None:
         prefix = os.path.join(tmp, "corpus", "stdlib_text_document")
         corpus.build(corpus.stdlib_files(corpus.default_source_dir()), prefix, 300_000)
         mib = 2 ** 20
-        print(f"{'model':>6} {'checkpoint':>11} {'largest tensor':>14} {'largest piece':>13} "
-              f"{'peak RSS':>9} {'time':>7} {'MiB/s':>7}")
+        print(f"{'model':>6} {'conversion':>10} {'checkpoint':>11} {'largest tensor':>14} "
+              f"{'peak RSS':>9} {'time':>7} {'MiB/s r+w':>9} {'file copy':>9} {'ratio':>6}")
         rows = {}
         for name, size in SIZES.items():
-            src, dst = os.path.join(tmp, name), os.path.join(tmp, name + "_out")
+            src = os.path.join(tmp, name)
             _build(src, prefix, size)
-            r = _measure_in_subprocess(src, dst)
-            rows[name] = r
-            print(f"{name:>6} {r['written_bytes'] / mib:>7.1f} MiB {r['largest_tensor_bytes'] / mib:>10.1f} "
-                  f"MiB {r['largest_piece_bytes'] / mib:>9.1f} MiB {r['peak_bytes'] / mib:>5.1f} MiB "
-                  f"{r['seconds']:>6.1f}s {r['written_bytes'] / mib / r['seconds']:>7.1f}", flush=True)
+            copy_s = file_copy_seconds(src, os.path.join(tmp, name + "_copy"))
+            copy_rate = 2 * dir_bytes(src) / mib / copy_s
+            shutil.rmtree(os.path.join(tmp, name + "_copy"))
+            for kind, sizes in (("format", {}),
+                                ("grow 2x", {"moe_ffn_hidden_size": 2 * size["moe_ffn_hidden_size"]})):
+                dst = os.path.join(tmp, f"{name}_{kind.replace(' ', '')}")
+                r = _measure_in_subprocess(src, dst, sizes)
+                shutil.rmtree(dst)
+                rate = r["io_bytes"] / mib / r["seconds"]
+                if not sizes:
+                    rows[name] = r
+                print(f"{name:>6} {kind:>10} {dir_bytes(src) / mib:>7.1f} MiB "
+                      f"{r['largest_tensor_bytes'] / mib:>10.1f} MiB {r['peak_bytes'] / mib:>5.1f} MiB "
+                      f"{r['seconds']:>6.1f}s {rate:>9.1f} {copy_rate:>9.1f} {rate / copy_rate:>6.2f}",
+                      flush=True)
         s, l = rows["small"], rows["large"]
         print(f"checkpoint grew {l['written_bytes'] / s['written_bytes']:.2f}x, converter peak "
               f"grew {l['peak_bytes'] / s['peak_bytes']:.2f}x (largest streamed piece "
@@ -102,8 +134,9 @@ def main() -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--measure", nargs=2, metavar=("SRC", "DST"))
+    p.add_argument("--sizes", default="{}", help="JSON: target sizes for --measure")
     ns = p.parse_args()
     if ns.measure:
-        print(json.dumps(measure(*ns.measure)))
+        print(json.dumps(measure(*ns.measure, sizes=json.loads(ns.sizes))))
     else:
         main()

@@ -22,6 +22,7 @@ from megatron_sparkling.methods.elementwise import WIDTH_PLAN_AXES, ElementwiseG
 class MaskedStructuralGrowth(ElementwiseGrowth):
     name = "msg"
     preserves_function = True   # with masked_growth.MaskRamp installed at mask 0
+    needs_runtime_mask = True    # so checkpoint paths (expand, growth on load) refuse it
     fresh_axes = WIDTH_PLAN_AXES
     fresh_weights = "normal"
     fresh_gains = "identity"
