@@ -15,7 +15,6 @@ its difference to the fixed run, total FLOPs, saving, and the saving at equal fi
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -111,12 +110,8 @@ def plot(results: dict, out: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="tiny models, CPU, a few minutes")
-    mode.add_argument("--full", action="store_true", help="bigger models (for a GPU)")
-    p.add_argument("--data-path", default=os.path.join(REPO, "data", "stdlib_text_document"))
-    p.add_argument("--out", default=os.path.join(REPO, "runs", "depth"))
+    p = width_bench.bench_parser(__doc__.split("\n\n")[0], "depth",
+                                 "tiny models, CPU, a few minutes")
     p.add_argument("--grow-at", type=float, default=0.8,
                    help="growth point as a fraction of the budget (default 0.8, Bu et al.)")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))

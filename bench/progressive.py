@@ -304,13 +304,19 @@ def plot(results: dict, out: str) -> str:
     return path
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_parser(description: str, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The flags every benchmark here shares: mode, corpus, output folder (runs/<name>)."""
+    p = argparse.ArgumentParser(description=description)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="tiny models, CPU, < 10 minutes")
+    mode.add_argument("--quick", action="store_true", help=quick_help)
     mode.add_argument("--full", action="store_true", help="bigger models (for a GPU)")
     p.add_argument("--data-path", default=os.path.join(REPO, "data", "stdlib_text_document"))
-    p.add_argument("--out", default=os.path.join(REPO, "runs", "progressive"))
+    p.add_argument("--out", default=os.path.join(REPO, "runs", name))
+    return p
+
+
+def main(argv=None) -> int:
+    p = bench_parser(__doc__.split("\n\n")[0], "progressive", "tiny models, CPU, < 10 minutes")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--grow-at", type=float, default=0.5,
