@@ -1,6 +1,7 @@
 """Pure analysis of progressive-training curves: compute to reach a loss, savings, jumps, tables.
 
-A curve is a list of evaluation points {"flops": F, "loss": L} in training order (validation
+A curve is a list of evaluation points {"flops": F, "loss": L} in training order (those marked
+"extended" lie past the token budget) (validation
 loss on the same held-out batches at every point). Compute to reach a target is the first point
 where the loss is at or below it, linearly interpolated in FLOPs between the two evaluations
 around the crossing.
@@ -52,12 +53,19 @@ def growth_jump(curve: list[dict], growth_flops: float) -> Optional[float]:
     return after[0]["loss"] - before[-1]["loss"]
 
 
+def at_budget(curve: list[dict]) -> dict:
+    """The last evaluation inside the token budget (points marked `extended` lie beyond it: a
+    grown run going on until it reaches scratch's final loss)."""
+    return [p for p in curve if not p.get("extended")][-1]
+
+
 def matched_saving(run_curve: list[dict], scratch: list[dict]) -> Optional[float]:
     """1 - this run's total FLOPs / the FLOPs scratch needed to reach this run's final loss
     (None when scratch never got that low): the saving at equal final loss, the paper's view
     when a grown run ends slightly above scratch."""
-    scratch_compute = compute_to_reach(scratch, run_curve[-1]["loss"])
-    return saving(run_curve[-1]["flops"], scratch_compute) if scratch_compute else None
+    end = at_budget(run_curve)
+    scratch_compute = compute_to_reach(scratch, end["loss"])
+    return saving(end["flops"], scratch_compute) if scratch_compute else None
 
 
 def summarize(runs: dict, scratch_name: str) -> list[dict]:
@@ -72,9 +80,9 @@ def summarize(runs: dict, scratch_name: str) -> list[dict]:
         reach = compute_to_reach(curve, target)
         rows.append({
             "run": name,
-            "final loss": curve[-1]["loss"],
+            "final loss": at_budget(curve)["loss"],
             "best loss": min(p["loss"] for p in curve),
-            "total flops": curve[-1]["flops"],
+            "total flops": at_budget(curve)["flops"],
             "flops to scratch best": reach,
             "saving": saving(reach, reference),
             "saving at equal loss": matched_saving(curve, scratch),

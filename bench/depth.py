@@ -29,8 +29,8 @@ sys.path.insert(0, HERE)
 import analysis  # noqa: E402
 import progressive as width_bench  # noqa: E402
 
-QUICK = dict(width_bench.QUICK, num_layers=4, train_iters=400, eval_interval=20)
-FULL = dict(width_bench.FULL, num_layers=16)
+QUICK = dict(width_bench.QUICK, num_layers=4, train_iters=400, eval_interval=20, extend=0)
+FULL = dict(width_bench.FULL, num_layers=16, extend=0)
 # name -> (start layers, new layers)
 RUNS = {"fixed": (None, None), "0-layer start": (0, "random"), "1-layer start": (1, "copy")}
 

@@ -56,7 +56,7 @@ METHODS = {
 }
 DEFAULT_METHODS = [m for m in METHODS if m != "sparkling-random"]
 # what a sweep may change (growth point: --grow-at)
-OVERRIDES = {"train_iters": int, "lr": float, "min_lr": float, "eval_iters": int,
+OVERRIDES = {"train_iters": int, "extend": float, "lr": float, "min_lr": float, "eval_iters": int,
              "rewarmup_iters": int, "rewarmup_peak_ratio": float, "msg_ramp": int}
 PAPER_SAVING = {"expert-ffn-2x": 0.20, "hidden-2x": 0.25, "both-2x": 0.35}
 
@@ -65,7 +65,7 @@ QUICK = dict(
     moe_ffn_hidden_size=64, moe_router_topk=2, seq_length=64, micro_batch_size=8,
     global_batch_size=8, train_iters=320, lr=1.5e-3, min_lr=1.5e-4, lr_warmup_iters=16,
     eval_interval=16, eval_iters=4, rewarmup_iters=48, rewarmup_peak_ratio=1.3, msg_ramp=16,
-    twin_after=100)
+    twin_after=100, extend=0.25)
 # Quick settings, from short scans on hidden-2x (README, "Results"): lr 1.5e-3 (3e-3 made the
 # wide scratch run unstable, 1e-3 was slower); re-warmup over 48 iterations (30% of the wide
 # part; 16 left sparkling 0.6% above scratch's final loss).
@@ -74,7 +74,18 @@ FULL = dict(
     moe_ffn_hidden_size=512, moe_router_topk=2, seq_length=512, micro_batch_size=8,
     global_batch_size=64, train_iters=6000, lr=1e-3, min_lr=1e-4, lr_warmup_iters=200,
     eval_interval=100, eval_iters=10, rewarmup_iters=250, rewarmup_peak_ratio=1.3, msg_ramp=250,
-    twin_after=100)
+    twin_after=100, extend=0.25)
+# `extend`: a grown run that has not reached scratch's final loss at the end of the budget goes on
+# (at the schedule's min LR: the schedule still ends at the budget) for up to this fraction of the
+# budget, so "compute to reach scratch's final loss" is measured, not just "reached or not".
+
+
+def budget_iters(cfg: dict) -> int:
+    return cfg["train_iters"]
+
+
+def extension_iters(cfg: dict) -> int:
+    return int(round(cfg.get("extend", 0) * cfg["train_iters"]))
 
 
 def base_flags(cfg: dict, data_path: str, out: str) -> list[str]:
@@ -87,7 +98,10 @@ def base_flags(cfg: dict, data_path: str, out: str) -> list[str]:
         "disable_bias_linear": True, "untie_embeddings_and_output_weights": True,
         "seq_length": cfg["seq_length"], "max_position_embeddings": cfg["seq_length"],
         "micro_batch_size": cfg["micro_batch_size"],
-        "global_batch_size": cfg["global_batch_size"], "train_iters": cfg["train_iters"],
+        "global_batch_size": cfg["global_batch_size"],
+        # datasets sized for the extension; the LR schedule ends at the budget for every run
+        "train_iters": budget_iters(cfg) + extension_iters(cfg),
+        "lr_decay_iters": budget_iters(cfg),
         "lr": cfg["lr"], "min_lr": cfg["min_lr"], "lr_warmup_iters": cfg["lr_warmup_iters"],
         "lr_decay_style": "cosine", "weight_decay": 0.1, "clip_grad": 1.0,
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "use_distributed_optimizer": True,
@@ -133,24 +147,31 @@ class Bench:
         return Pretrainer(args, _hooks_from_args(args))   # training modes, e.g. progressive depth
 
     def _curve(self, trainer):
-        return [{"iteration": r["iteration"], "flops": r["flops"],
-                 "loss": r["validation lm loss"], **({"after_growth": True}
-                                                     if r.get("after_growth") else {})}
+        return [{"iteration": r["iteration"], "flops": r["flops"], "loss": r["validation lm loss"],
+                 **{k: True for k in ("after_growth", "extended") if r.get(k)}}
                 for r in trainer.history if "validation lm loss" in r]
 
-    def _train(self, trainer, label):
+    def _train(self, trainer, label, target=None):
+        """Train to the end of the budget; with `target`, go on (extension) until the validation
+        loss reaches it or the extension ends."""
         from tqdm import tqdm
 
         args = trainer.args
-        bar = tqdm(total=args.train_iters - trainer.iteration, desc=label, leave=False,
+        budget = budget_iters(self.cfg)
+        last = budget + (extension_iters(self.cfg) if target is not None else 0)
+        bar = tqdm(total=budget - trainer.iteration, desc=label, leave=False,
                    disable=not sys.stderr.isatty())
-        while trainer.iteration < args.train_iters:
+        loss = float("inf")
+        while trainer.iteration < last and not (trainer.iteration >= budget and loss <= target):
             trainer.train_step()
             bar.update(1)
-            if trainer.iteration % args.eval_interval == 0:
-                self._validate(trainer)
+            if trainer.iteration % args.eval_interval == 0 or trainer.iteration == budget:
+                loss = self._validate(
+                    trainer, **({"extended": True} if trainer.iteration > budget else {}))
             if getattr(self, "_twin_probe", None) and trainer.iteration == self._twin_probe[0]:
                 self._twin_probe[1](trainer)
+        if trainer.iteration > budget and trainer.iteration % args.eval_interval:
+            self._validate(trainer, extended=True)   # the extension's end
         bar.close()
 
     @staticmethod
@@ -196,7 +217,7 @@ class Bench:
                 "flops_per_iteration": trainer.flops_per_iteration,
                 "seconds": time.time() - start}
 
-    def grown(self, setting: str, name: str) -> dict:
+    def grown(self, setting: str, name: str, target: float = None) -> dict:
         from megatron_sparkling import schedule
         from megatron_sparkling.diagnostics import twin_similarity
         from megatron_sparkling.masked_growth import MaskRamp
@@ -227,7 +248,7 @@ class Bench:
         self._validate(trainer, after_growth=True)
 
         twin = {}
-        probe_at = min(trainer.iteration + self.cfg["twin_after"], wide.train_iters)
+        probe_at = min(trainer.iteration + self.cfg["twin_after"], budget_iters(self.cfg))
         batches = list(data.microbatches(trainer.valid_ds, 0, 1, wide))
 
         def probe(t):
@@ -237,7 +258,7 @@ class Bench:
             twin["weight"] = {axis: s["mean"] for axis, s in sims["weight"].items()
                               if s.get("mean") is not None}
         self._twin_probe = (probe_at, probe)
-        self._train(trainer, f"{name} {setting}")
+        self._train(trainer, f"{name} {setting}", target)
         self._twin_probe = None
         curve = self._curve(trainer)
         growth_flops = self.narrow_curve[-1]["flops"]
@@ -257,8 +278,11 @@ def report(results: dict, out: str) -> str:
              f"Command: `{results['command']}`", "",
              f"Growth at iteration {results['grow_iteration']} of {results['train_iters']} "
              f"({results['grow_at']:.0%} of the token budget). Saving = 1 - FLOPs to reach the "
-             "scratch run's best validation loss / the scratch run's FLOPs to reach it; — when a "
-             "run never reaches it within the budget.", ""]
+             "scratch run's best validation loss / the scratch run's FLOPs to reach it; a grown "
+             "run that has not reached it at the end of the budget goes on at the schedule's "
+             f"min LR for up to {results['config'].get('extend', 0):.0%} more iterations (— when "
+             "it still does not). Final loss and total FLOPs are at the end of the budget; at "
+             "equal loss = 1 - those FLOPs / scratch's FLOPs to reach that final loss.", ""]
     for setting, runs in results["settings"].items():
         table_runs = {"scratch": runs["scratch"], **{m: r for m, r in runs["grown"].items()}}
         rows = analysis.summarize(table_runs, "scratch")
@@ -362,10 +386,11 @@ def run(cfg, a, grow_at, out) -> dict:
             print(f"[{time.time() - t0:6.0f}s] {setting}: scratch best "
                   f"{min(p['loss'] for p in runs['scratch']['curve']):.4f}", flush=True)
             for name in a.methods:
-                runs["grown"][name] = bench.grown(setting, name)
+                runs["grown"][name] = bench.grown(
+                    setting, name, target=min(p["loss"] for p in runs["scratch"]["curve"]))
                 r = runs["grown"][name]
                 print(f"[{time.time() - t0:6.0f}s] {setting} {name}: final "
-                      f"{r['curve'][-1]['loss']:.4f}, jump {r['loss_jump']:+.4f}, twin "
+                      f"{analysis.at_budget(r['curve'])['loss']:.4f}, jump {r['loss_jump']:+.4f}, twin "
                       f"{r['twin_cosine'] if r['twin_cosine'] is None else round(r['twin_cosine'], 3)}",
                       flush=True)
             results["settings"][setting] = runs

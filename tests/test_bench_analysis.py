@@ -32,5 +32,10 @@ def test_summary_reports_saving_and_jump():
     assert grown["saving at equal loss"] is None
     above = GROWN[:-1] + [{"flops": 12, "loss": 2.5}]
     assert analysis.matched_saving(above, SCRATCH) == pytest.approx(1 - 12 / 15)
+    # a run going on past the budget: its final loss and compute are the budget's, its compute to
+    # reach the target counts the extension
+    extended = GROWN + [{"flops": 16, "loss": 1.8, "extended": True}]
+    assert analysis.at_budget(extended)["loss"] == 1.9
+    assert analysis.compute_to_reach(extended, 1.85) == pytest.approx(14)
     table = analysis.markdown_table(rows)
     assert table.count("\n") == 3 and "| grown |" in table
