@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     for name in ("train_iters", "lr", "min_lr", "num_layers"):
         over.add_argument("--" + name.replace("_", "-"), type=type(QUICK[name]), default=None)
     a = p.parse_args(argv)
+    if a.wandb_project:
+        width_bench.require_wandb()
     cfg = dict(FULL if a.full else QUICK)
     for name in ("train_iters", "lr", "min_lr", "num_layers"):
         if getattr(a, name) is not None:
@@ -149,6 +151,10 @@ def main(argv=None) -> int:
     if "fixed" in results["runs"]:
         print(report(results, a.out))
     print(f"plot: {plot(results, a.out)}; {results['seconds']:.0f} s")
+    if a.wandb_project:
+        width_bench.log_to_wandb(a.wandb_project, a.out, [
+            (name, "depth", run["curve"], {"final loss": run["curve"][-1]["loss"]},
+             dict(cfg, grow_at=a.grow_at, run=name)) for name, run in results["runs"].items()])
     return 0
 
 

@@ -336,7 +336,43 @@ def bench_parser(description: str, name: str, quick_help: str) -> argparse.Argum
     mode.add_argument("--full", action="store_true", help="bigger models (for a GPU)")
     p.add_argument("--data-path", default=os.path.join(REPO, "data", "stdlib_text_document"))
     p.add_argument("--out", default=os.path.join(REPO, "runs", name))
+    p.add_argument("--wandb-project", default=None,
+                   help="log every run's curve and figures to wandb (WANDB_MODE=offline works)")
     return p
+
+
+def require_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb-project needs wandb: pip install 'megatron-sparkling[wandb]' "
+                         "(or drop --wandb-project)") from None
+    return wandb
+
+
+def log_to_wandb(project: str, out: str, runs: list) -> None:
+    """One wandb run per curve (offline with WANDB_MODE=offline): `runs` holds (name, group,
+    curve, summary figures, config)."""
+    wandb = require_wandb()
+    for name, group, curve, summary, config in runs:
+        run = wandb.init(project=project, name=name, group=group, dir=out, config=config,
+                         reinit=True, settings=wandb.Settings(console="off"))
+        for point in curve:
+            run.log({"validation loss": point["loss"], "flops": point["flops"],
+                     "iteration": point["iteration"]})
+        run.summary.update({k: v for k, v in summary.items() if v is not None})
+        run.finish()
+
+
+def _wandb_runs(results: dict) -> list:
+    out = []
+    for setting, runs in results["settings"].items():
+        rows = {r["run"]: r for r in analysis.summarize(
+            {"scratch": runs["scratch"], **runs["grown"]}, "scratch")}
+        for name, run in [("scratch", runs["scratch"]), *runs["grown"].items()]:
+            out.append((f"{setting}/{name}", setting, run["curve"], rows[name],
+                        dict(results["config"], grow_at=results["grow_at"], method=name)))
+    return out
 
 
 def main(argv=None) -> int:
@@ -347,10 +383,18 @@ def main(argv=None) -> int:
                    help="growth point as a fraction of the token budget (default 0.5)")
     p.add_argument("--sweep", action="store_true",
                    help="full mode: repeat for growth at 25%%, 50%% and 75%% of the budget")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="settings run in this many processes at once after the shared narrow "
+                        "run (default: the CPU cores in quick mode, 1 in full mode)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # narrow curve JSON
     over = p.add_argument_group("override the mode's settings")
     for name, kind in OVERRIDES.items():
         over.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
+    if a.jobs is None:
+        a.jobs = 1 if a.full else len(os.sched_getaffinity(0))
+    if a.wandb_project:
+        require_wandb()   # before hours of training, not after
     cfg = dict(FULL if a.full else QUICK)
     for name in OVERRIDES:
         if getattr(a, name) is not None:
@@ -368,6 +412,59 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_setting(bench, setting: str, methods, t0: float) -> dict:
+    runs = {"scratch": bench.scratch(setting), "grown": {}}
+    target = min(p["loss"] for p in runs["scratch"]["curve"])
+    print(f"[{time.time() - t0:6.0f}s] {setting}: scratch best {target:.4f}", flush=True)
+    for name in methods:
+        r = runs["grown"][name] = bench.grown(setting, name, target=target)
+        twin = None if r["twin_cosine"] is None else round(r["twin_cosine"], 3)
+        print(f"[{time.time() - t0:6.0f}s] {setting} {name}: final "
+              f"{analysis.at_budget(r['curve'])['loss']:.4f}, jump {r['loss_jump']:+.4f}, "
+              f"twin {twin}", flush=True)
+    return runs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(a, cfg, grow_at, out, narrow_curve) -> dict:
+    """The settings in `a.jobs` processes at once (each its own 1-rank megatron-core run, the
+    CPU cores shared out), all growing the narrow checkpoint saved by this process."""
+    import subprocess
+
+    curve_path = os.path.join(out, "narrow_curve.json")
+    with open(curve_path, "w") as f:
+        json.dump(narrow_curve, f)
+    argv = [sys.executable, os.path.abspath(__file__), "--full" if a.full else "--quick",
+            "--data-path", a.data_path, "--out", out, "--grow-at", str(grow_at), "--jobs", "1",
+            "--worker", curve_path, "--methods", *a.methods]
+    argv += [f"--{k.replace('_', '-')}={cfg[k]}" for k in OVERRIDES if k in cfg]
+    threads = str(max(1, len(os.sched_getaffinity(0)) // a.jobs))
+    pending, running = list(a.settings), []
+    while pending or running:
+        while pending and len(running) < a.jobs:
+            setting = pending.pop(0)
+            env = dict(os.environ, OMP_NUM_THREADS=threads, MASTER_PORT=str(_free_port()))
+            running.append((setting, subprocess.Popen(argv + ["--settings", setting], env=env)))
+        time.sleep(1)
+        for setting, proc in list(running):
+            if proc.poll() is not None:
+                if proc.returncode:
+                    raise SystemExit(f"the {setting} worker failed (exit {proc.returncode})")
+                running.remove((setting, proc))
+    settings = {}
+    for setting in a.settings:
+        with open(os.path.join(out, f"setting_{setting}.json")) as f:
+            settings[setting] = json.load(f)
+    return settings
+
+
 def run(cfg, a, grow_at, out) -> dict:
     from megatron_sparkling.training.initialize import shutdown
 
@@ -378,22 +475,21 @@ def run(cfg, a, grow_at, out) -> dict:
         "grow_at": grow_at, "grow_iteration": bench.grow_iteration,
         "train_iters": cfg["train_iters"], "config": cfg, "settings": {}}
     try:
+        if a.worker:   # one setting of a parallel run: the narrow run is done
+            with open(a.worker) as f:
+                bench.narrow_curve = json.load(f)
+            for setting in a.settings:
+                with open(os.path.join(out, f"setting_{setting}.json"), "w") as f:
+                    json.dump(run_setting(bench, setting, a.methods, t0), f)
+            return {}
         narrow = bench.narrow()
         results["narrow"] = narrow
         results["growth_flops"] = narrow["curve"][-1]["flops"]
-        for setting in a.settings:
-            runs = {"scratch": bench.scratch(setting), "grown": {}}
-            print(f"[{time.time() - t0:6.0f}s] {setting}: scratch best "
-                  f"{min(p['loss'] for p in runs['scratch']['curve']):.4f}", flush=True)
-            for name in a.methods:
-                runs["grown"][name] = bench.grown(
-                    setting, name, target=min(p["loss"] for p in runs["scratch"]["curve"]))
-                r = runs["grown"][name]
-                print(f"[{time.time() - t0:6.0f}s] {setting} {name}: final "
-                      f"{analysis.at_budget(r['curve'])['loss']:.4f}, jump {r['loss_jump']:+.4f}, twin "
-                      f"{r['twin_cosine'] if r['twin_cosine'] is None else round(r['twin_cosine'], 3)}",
-                      flush=True)
-            results["settings"][setting] = runs
+        if a.jobs > 1 and len(a.settings) > 1:
+            results["settings"] = run_workers(a, cfg, grow_at, out, narrow["curve"])
+        else:
+            for setting in a.settings:
+                results["settings"][setting] = run_setting(bench, setting, a.methods, t0)
     finally:
         shutdown()
     results["seconds"] = time.time() - t0
@@ -402,6 +498,8 @@ def run(cfg, a, grow_at, out) -> dict:
     print(report(results, out))
     print(f"plot: {plot(results, out)}; results: {os.path.join(out, 'results.json')}; "
           f"{results['seconds']:.0f} s")
+    if a.wandb_project:
+        log_to_wandb(a.wandb_project, out, _wandb_runs(results))
     return results
 
 
