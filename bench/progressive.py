@@ -356,7 +356,7 @@ def log_to_wandb(project: str, out: str, runs: list) -> None:
     wandb = require_wandb()
     for name, group, curve, summary, config in runs:
         run = wandb.init(project=project, name=name, group=group, dir=out, config=config,
-                         reinit=True, settings=wandb.Settings(console="off"))
+                         settings=wandb.Settings(console="off"))
         for point in curve:
             run.log({"validation loss": point["loss"], "flops": point["flops"],
                      "iteration": point["iteration"]})
