@@ -69,18 +69,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def megatron_run(argv, extra_args_provider=None):
-    """A 1-rank Pretrainer in this process; parallel state and process group torn down after."""
+def single_rank():
+    """torch.distributed's environment for 1 rank in this process (a free port); parallel state
+    and process group torn down after, the environment restored."""
     from megatron_sparkling.training.initialize import shutdown
-    from megatron_sparkling.training.loop import Pretrainer
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        trainer = Pretrainer.from_argv(argv, extra_args_provider)
-        yield trainer
+        yield
     finally:
         shutdown()
         for k, v in saved.items():
@@ -88,6 +87,24 @@ def megatron_run(argv, extra_args_provider=None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def megatron_run(argv, extra_args_provider=None):
+    """A 1-rank Pretrainer in this process; parallel state and process group torn down after."""
+    from megatron_sparkling.training.loop import Pretrainer
+
+    with single_rank():
+        yield Pretrainer.from_argv(argv, extra_args_provider)
+
+
+def saved_and_continued(flags: list, root: str, save_at: int, total: int) -> list:
+    """Train a 1-rank run to `save_at`, save it at `root`, go on to `total`: the losses after
+    the save (what a resumed run must reproduce)."""
+    with megatron_run(flags) as trainer:
+        trainer.train(until_iteration=save_at)
+        trainer.save(root)
+        return [trainer.train_step()["lm loss"] for _ in range(total - save_at)]
 
 
 def torchrun(nproc: int, script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

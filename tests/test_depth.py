@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import megatron_run, tiny_moe_flags
+from element_copy import element_copy
 from megatron_sparkling import layout
 from megatron_sparkling.checkpoint.memory import model_global_tensors
 from megatron_sparkling.operators import depth
@@ -180,17 +181,8 @@ def test_fresh_layers_are_drawn_as_megatron_core_initialises_them(corpus_prefix)
 
 
 def _copy_along_plan(plan, key, tensor, swiglu):
-    """Net2Net copy along every element map of the plan (layer axis included): copy each
-    element from its source, divide fan-in columns by the copy count (as tests/test_plan.py)."""
-    lay = layout.resolve(key, swiglu)
-    for d, (dim, m) in enumerate(zip(lay.dims, plan.tensor_maps(lay))):
-        tensor = tensor.index_select(d, m.source.clamp(min=0))
-        if dim.role is layout.Role.IN:
-            counts = m.copies().float()[m.source.clamp(min=0)]
-            shape = [1] * tensor.dim()
-            shape[d] = m.new
-            tensor = tensor / counts.view(shape)
-    return tensor
+    """Net2Net copy along every element map of the plan (layer axis included)."""
+    return element_copy(plan, layout.resolve(key, swiglu), tensor)
 
 
 @pytest.mark.parametrize("stack_kind", ["stacked", "per_layer"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import megatron_run, tiny_moe_flags
+from element_copy import element_copy
 from megatron_sparkling import diagnostics as dg
 from megatron_sparkling import layout
 from megatron_sparkling.checkpoint.memory import load_model_global_tensors, model_global_tensors
@@ -36,13 +37,7 @@ class ElementCopy(GrowthMethod):
     name = "element-copy"
 
     def grow_tensor(self, key, tensor, kind, lay, plan):
-        for d, (dim, m) in enumerate(zip(lay.dims, plan.tensor_maps(lay))):
-            tensor = tensor.index_select(d, m.source.clamp(min=0))
-            if dim.role is layout.Role.IN:
-                shape = [1] * tensor.dim()
-                shape[d] = m.new
-                tensor = tensor / m.copies().float()[m.source.clamp(min=0)].view(shape)
-        return tensor
+        return element_copy(plan, lay, tensor)
 
 
 class ZeroNew(GrowthMethod):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, megatron_run, tiny_moe_flags
+from conftest import REPO, megatron_run, saved_and_continued, tiny_moe_flags
 from megatron_sparkling.cli import main
 
 SAVE_AT, TOTAL = 4, 8
@@ -35,12 +35,8 @@ def tree_hashes(root) -> dict:
 def source(tmp_path_factory, corpus_prefix):
     """A dp_reshardable checkpoint at iteration 4 and the losses of iterations 5..8 of the same
     run continued without interruption (dropout off: RNG state does not matter)."""
-    root = tmp_path_factory.mktemp("source") / "ckpt"
-    with megatron_run(tiny_moe_flags(corpus_prefix, **NARROW)) as trainer:
-        trainer.train(until_iteration=SAVE_AT)
-        trainer.save(str(root))
-        continued = [trainer.train_step()["lm loss"] for _ in range(TOTAL - SAVE_AT)]
-    return str(root), continued
+    root = str(tmp_path_factory.mktemp("source") / "ckpt")
+    return root, saved_and_continued(tiny_moe_flags(corpus_prefix, **NARROW), root, SAVE_AT, TOTAL)
 
 
 def expand(*argv) -> int:

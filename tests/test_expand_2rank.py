@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from conftest import PRETRAIN, REPO, megatron_run, read_metrics, tiny_moe_flags, torchrun, train_losses
+from conftest import (PRETRAIN, REPO, megatron_run, read_metrics, saved_and_continued,
+                      tiny_moe_flags, torchrun, train_losses)
 from megatron_sparkling.cli import main
 
 SAVE_FORMATS = os.path.join(REPO, "tests", "save_formats.py")
@@ -71,12 +72,8 @@ def test_two_rank_checkpoints_convert_back_to_one_rank(tmp_path, corpus_prefix, 
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory, corpus_prefix):
     """A TP=1, EP=1 dp_reshardable checkpoint at iteration 3 and the run's losses after it."""
-    root = tmp_path_factory.mktemp("narrow") / "ckpt"
-    with megatron_run(tiny_moe_flags(corpus_prefix, **BASE)) as trainer:
-        trainer.train(until_iteration=SAVE_AT)
-        trainer.save(str(root))
-        continued = [trainer.train_step()["lm loss"] for _ in range(TOTAL - SAVE_AT)]
-    return str(root), continued
+    root = str(tmp_path_factory.mktemp("narrow") / "ckpt")
+    return root, saved_and_continued(tiny_moe_flags(corpus_prefix, **BASE), root, SAVE_AT, TOTAL)
 
 
 def _relaunch(tmp_path, corpus_prefix, load, layout, **overrides) -> dict:

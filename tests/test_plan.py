@@ -2,6 +2,7 @@
 import torch
 
 from conftest import megatron_run, tiny_moe_flags
+from element_copy import element_copy
 from megatron_sparkling import layout
 from megatron_sparkling.checkpoint.memory import load_model_global_tensors, model_global_tensors
 from megatron_sparkling.plan import GrowthPlan, UnitMap, balanced_twins
@@ -18,16 +19,7 @@ def test_balanced_twins_copy_every_unit_equally_at_integer_factors():
 
 
 def _index_copy_growth(plan, key, tensor, swiglu):
-    """Copy every element from its source; divide fan-in columns by the copy count (Net2Net)."""
-    lay = layout.resolve(key, swiglu)
-    for d, (dim, m) in enumerate(zip(lay.dims, plan.tensor_maps(lay))):
-        tensor = tensor.index_select(d, m.source.clamp(min=0))
-        if dim.role is layout.Role.IN:
-            counts = m.copies().float()[m.source.clamp(min=0)]
-            shape = [1] * tensor.dim()
-            shape[d] = m.new
-            tensor = tensor / counts.view(shape)
-    return tensor
+    return element_copy(plan, layout.resolve(key, swiglu), tensor)
 
 
 def test_element_maps_reproduce_the_function_on_every_width_axis(corpus_prefix):

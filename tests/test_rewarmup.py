@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import free_port, megatron_run, tiny_moe_flags
+from conftest import megatron_run, single_rank, tiny_moe_flags
 from rewarmup_checks import (GBS, LR, MIN_LR, NARROW, R, REWARMUP, RUN, T_E, TOTAL, W, WIDE,
                              base_lr, check_one_step, inner_optimizers, masks_of, new_lr,
                              ramp_lrs)
@@ -68,26 +68,13 @@ def grown_run(corpus_prefix, narrow_model, bf16=False, **flags):
 def _bf16_run(argv):
     """A 1-rank run with bf16 params (megatron-core's Float16Optimizer). The CLI refuses --bf16 on
     CPU (training is fp32 there); megatron-core itself runs bf16 on CPU, which is all this needs."""
-    from megatron_sparkling.training.initialize import initialize, shutdown
-    from megatron_sparkling.training.loop import Pretrainer
+    from megatron_sparkling.training.initialize import initialize
+    from megatron_sparkling.training.loop import Pretrainer, _add_run_flags, _chain_providers
 
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        from megatron_sparkling.training.loop import _add_run_flags, _chain_providers
-
+    with single_rank():
         args = initialize(argv, _chain_providers(_add_run_flags, schedule.add_rewarmup_args))
         args.bf16, args.params_dtype = True, torch.bfloat16
         yield Pretrainer(args)
-    finally:
-        shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def config(scope="new"):

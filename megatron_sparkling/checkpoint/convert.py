@@ -38,6 +38,7 @@ from megatron_sparkling import layout as layout_lib
 from megatron_sparkling.checkpoint import optimizer_common, shadow
 from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
 from megatron_sparkling.checkpoint.dcp import TensorSpec
+from megatron_sparkling.checkpoint.growing import GrownTensors
 from megatron_sparkling.checkpoint.reader import open_checkpoint
 from megatron_sparkling.checkpoint.writer import write_torch_dist
 from megatron_sparkling.record import RECORD_KEY
@@ -120,6 +121,8 @@ class Conversion:
         self.grown = bool(self.spec.grown_axes())
         self.keep_rng = req.keep_rng and self._rng_loadable()
         self.optimizer = None if req.drop_optimizer else self.src.optimizer
+        # source tensors as stored (growth happens in produce, under the TARGET key)
+        self.stored = GrownTensors(self.src, optimizer=self.optimizer)
         self.target_args = self._target_args()
         self.deeper = layout_lib.Axis.LAYER in self.spec.grown_axes()
         self.layer_map = depth_lib.plan_layer_map(self.spec) if self.deeper else None
@@ -367,8 +370,6 @@ class Conversion:
     def produce(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         """One target tensor, or one target layer of a stacked one, grown under its per-layer
         key; with depth growth, from its source layer (a fresh layer: drawn by the depth rule)."""
-        from megatron_sparkling.checkpoint.growing import GrownTensors
-
         prefix, model_key = layout_lib.split_state_key(key)
         kind = layout_lib.state_kind(key)
         grow_key = key if layer is None else layout_lib.layer_key(key, layer)
@@ -380,8 +381,7 @@ class Conversion:
             shape = self.specs[key].shape[1:] if layer is not None else self.specs[key].shape
             tensor = torch.zeros(shape, dtype=torch.float32)
         else:
-            stored = GrownTensors(self.src, optimizer=self.optimizer)   # as stored, not grown
-            tensor = stored.read(prefix + source_key, source_layer)
+            tensor = self.stored.read(prefix + source_key, source_layer)
             if self.grower is not None:
                 tensor = self.grower.grow(grow_key, tensor, kind)
         if self.deeper:

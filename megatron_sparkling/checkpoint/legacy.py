@@ -177,23 +177,14 @@ def _strip(node):
 
 def _torch_step(node):
     """The step of a torch Adam state dict (per parameter `step`), wherever it is nested."""
-    if isinstance(node, dict):
-        state = node.get("state")
+    def pick(d):
+        state = d.get("state")
         if isinstance(state, dict):
             for v in state.values():
                 if isinstance(v, dict) and "step" in v:
-                    s = v["step"]
-                    return float(s.item() if torch.is_tensor(s) else s)
-        for v in node.values():
-            found = _torch_step(v)
-            if found is not None:
-                return found
-    if isinstance(node, list):
-        for v in node:
-            found = _torch_step(v)
-            if found is not None:
-                return found
-    return None
+                    return optimizer_state.as_float(v["step"])
+        return None
+    return optimizer_state.first_nested(node, pick)
 
 
 class LegacyOptimizerState(optimizer_state.OptimizerState):

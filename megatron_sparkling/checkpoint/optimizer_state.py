@@ -283,17 +283,37 @@ def _walk_groups(node, found: list) -> None:
             _walk_groups(v, found)
 
 
-def _common_step(node):
+def first_nested(node, pick: Callable):
+    """The first non-None `pick(d)` over the dicts nested in `node` (dicts and lists, depth
+    first): optimizer state dicts nest differently per optimizer kind and chaining."""
     if isinstance(node, dict):
-        state = node.get("state")
-        if isinstance(state, dict) and "common_step" in state:
-            step = state["common_step"]
-            return float(step.item() if torch.is_tensor(step) else step)
-        for v in node.values():
-            step = _common_step(v)
-            if step is not None:
-                return step
+        found = pick(node)
+        if found is not None:
+            return found
+        children = node.values()
+    elif isinstance(node, (list, tuple)):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = first_nested(child, pick)
+        if found is not None:
+            return found
     return None
+
+
+def as_float(value) -> float:
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _common_step(node):
+    """FP32Optimizer's `state.common_step`, wherever the optimizer entry nests it."""
+    def pick(d):
+        state = d.get("state")
+        if isinstance(state, dict) and "common_step" in state:
+            return as_float(state["common_step"])
+        return None
+    return first_nested(node, pick)
 
 
 def param_groups_and_step(common: dict, dcp: Optional[DcpCheckpoint]) -> tuple[list, Optional[float]]:
