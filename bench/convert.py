@@ -55,7 +55,7 @@ def file_copy_seconds(src: str, dst: str) -> float:
 
 
 def measure(load: str, save: str, sizes: dict = None) -> dict:
-    from megatron_sparkling.checkpoint import convert
+    from megatron_sparkling.checkpoint import expand as convert
     from megatron_sparkling.checkpoint.commit import StagedIteration
     from megatron_sparkling.checkpoint.writer import work_items, write_torch_dist
 

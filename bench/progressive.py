@@ -124,14 +124,15 @@ class Bench:
     def __init__(self, cfg, data_path, out, grow_at: float, verbose=False, extra_flags=()):
         from megatron_sparkling.training import initialize as init_lib
         from megatron_sparkling.training.loop import _add_run_flags, _chain_providers
-        from megatron_sparkling import schedule
+        from megatron_sparkling.live import rewarmup as schedule
 
         self.cfg, self.out, self.verbose = cfg, out, verbose
         os.makedirs(out, exist_ok=True)
         argv = base_flags(cfg, data_path, out) + list(extra_flags)   # later flags win
         self.narrow_args = init_lib.initialize(
             argv, _chain_providers(_add_run_flags, schedule.add_rewarmup_args))
-        from megatron_sparkling.training import data, model as model_lib
+        from megatron_sparkling.training import data
+        from megatron_sparkling.mcore import model as model_lib
 
         self.narrow_args.padded_vocab_size = model_lib.padded_vocab_size(
             data.build_tokenizer(self.narrow_args).vocab_size, self.narrow_args)
@@ -182,7 +183,7 @@ class Bench:
         return loss
 
     def wide_args(self, setting: str):
-        from megatron_sparkling.spec import ModelShape
+        from megatron_sparkling.core.spec import ModelShape
 
         shape = ModelShape.from_args(self.narrow_args)
         scale = SETTINGS[setting]
@@ -218,11 +219,11 @@ class Bench:
                 "seconds": time.time() - start}
 
     def grown(self, setting: str, name: str, target: float = None) -> dict:
-        from megatron_sparkling import schedule
+        from megatron_sparkling.live import rewarmup as schedule
         from megatron_sparkling.diagnostics import twin_similarity
-        from megatron_sparkling.masked_growth import MaskRamp
+        from megatron_sparkling.live.mask_ramp import MaskRamp
         from megatron_sparkling.methods import Grower
-        from megatron_sparkling.spec import GrowthSpec, ModelShape
+        from megatron_sparkling.core.spec import GrowthSpec, ModelShape
         from megatron_sparkling.training import data
 
         method, options, scope = METHODS[name]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The same two-stage run with growth on load: the wide stage starts with --load at the NARROW
-# checkpoint and grows it in memory (megatron_sparkling.hook); no conversion step, same state.
+# checkpoint and grows it in memory (megatron_sparkling.live.load_hook); no conversion step, same state.
 source "$(dirname "$0")/two_stage_common.sh"
 
 stage1

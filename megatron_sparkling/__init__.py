@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 def install() -> str:
     """Growth on load in the loader in use (Megatron-LM's if importable); see hook.py."""
-    from megatron_sparkling.hook import install as _install
+    from megatron_sparkling.live.load_hook import install as _install
 
     return _install()
 
@@ -25,7 +25,7 @@ def install() -> str:
 def extra_args_provider(chained=None):
     """An extra_args_provider adding the --sparkling-* flags, then `chained`'s (if any)."""
     def provider(parser):
-        from megatron_sparkling.hook import add_args
+        from megatron_sparkling.live.load_hook import add_args
 
         parser = add_args(parser) or parser
         if chained is not None:

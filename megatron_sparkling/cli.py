@@ -44,7 +44,7 @@ def _verify(argv):
 
     from megatron_sparkling.diagnostics.checkpoints import VerifyError, verify_checkpoints
     from megatron_sparkling.training.arguments import ArgumentError
-    from megatron_sparkling.training.checkpointing import CheckpointError
+    from megatron_sparkling.checkpoint.paths import CheckpointError
 
     def pick(specific):
         return ns.iteration if specific is None else specific
@@ -65,7 +65,8 @@ def _verify(argv):
 def _plan(argv):
     import json
 
-    from megatron_sparkling import loss_log, stage_timing
+    from megatron_sparkling.planning import loss_log
+    from megatron_sparkling.planning import stage_timing
 
     p = argparse.ArgumentParser(
         prog="megatron-sparkling plan",
@@ -130,7 +131,8 @@ def _plan(argv):
 
 
 def _curve(path, params, skip_fraction):
-    from megatron_sparkling import loss_log, stage_timing
+    from megatron_sparkling.planning import loss_log
+    from megatron_sparkling.planning import stage_timing
 
     steps, losses, _ = loss_log.read_loss_curve(path)
     first = steps[0] + skip_fraction * (steps[-1] - steps[0])
@@ -162,7 +164,7 @@ def expand_parser() -> argparse.ArgumentParser:
                    help="learning-rate re-warmup length after growth (stored in the record)")
     g.add_argument("--rewarmup-peak-ratio", type=float, default=None,
                    help="re-warmup peak relative to the scheduled learning rate")
-    from megatron_sparkling.spec import DEPTH_METHODS, DEPTH_PLACEMENTS, NEW_LAYER_STATES
+    from megatron_sparkling.core.spec import DEPTH_METHODS, DEPTH_PLACEMENTS, NEW_LAYER_STATES
 
     d = p.add_argument_group("depth growth (with --num-layers above the source's; combines with "
                              "the width sizes in one conversion)")
@@ -212,7 +214,7 @@ def _option_value(text: str):
 
 
 def expand_request(ns):
-    from megatron_sparkling.checkpoint.convert import ExpandRequest
+    from megatron_sparkling.checkpoint.expand import ExpandRequest
 
     names = ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size",
              "moe_shared_expert_intermediate_size", "num_attention_heads", "num_query_groups",
@@ -227,7 +229,7 @@ def expand_request(ns):
     depth = None
     if any(v is not None for v in (ns.depth_method, ns.insert_at, ns.depth_placement,
                                    ns.depth_new_state)):
-        from megatron_sparkling.spec import DepthOptions
+        from megatron_sparkling.core.spec import DepthOptions
 
         depth = DepthOptions(ns.depth_method or "stack", ns.insert_at, ns.depth_placement,
                              ns.depth_new_state or "reset")
@@ -255,9 +257,9 @@ def _init_distributed() -> bool:
 
 def _expand(argv, request_hook=None):
     """`expand`; `request_hook(request)` lets tests pass a GrowthMethod instance."""
-    from megatron_sparkling.checkpoint.convert import expand
-    from megatron_sparkling.spec import GrowthSpecError
-    from megatron_sparkling.training.checkpointing import CheckpointError
+    from megatron_sparkling.checkpoint.expand import expand
+    from megatron_sparkling.core.spec import GrowthSpecError
+    from megatron_sparkling.checkpoint.paths import CheckpointError
 
     from megatron_sparkling import wandb_log
 

@@ -94,7 +94,7 @@ def growth_event(iteration: int, record: dict, source: str, elements_before: int
                  elements_after: int, path: str, rewarmup=None) -> dict:
     """The growth event as flat figures; `record` is Grower.record() (method, seed, source and
     target shapes), `path` says where the growth ran ("expand" or "load hook")."""
-    from megatron_sparkling.spec import WIDTH_FIELDS
+    from megatron_sparkling.core.spec import WIDTH_FIELDS
 
     event = {"iteration": int(iteration), "method": record.get("method"),
              "seed": record.get("seed"), "source": source, "path": path,
@@ -151,9 +151,9 @@ def log_record(args, record: dict) -> None:
 def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
     """Loss and logit change of the growth just loaded (1 rank): the narrow model is rebuilt from
     the checkpoint beside the grown one and both run on the first validation batches."""
-    from megatron_sparkling.checkpoint import memory
+    from megatron_sparkling.live import state as memory
     from megatron_sparkling.diagnostics import compare, diagnostic_batches
-    from megatron_sparkling.training import model as model_lib
+    from megatron_sparkling.mcore import model as model_lib
     from megatron_sparkling.training.growth import reset_moe_loss_tracker
 
     narrow_args = growth.spec.source.apply_to_args(args)
@@ -172,8 +172,8 @@ def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
 def log_expand(ns, result) -> Optional[dict]:
     """After `megatron-sparkling expand --wandb-project P`: the growth event from the written
     checkpoint's record and, at 1 process, the diagnostics summary (verify on 2 batches)."""
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
-    from megatron_sparkling.record import growth_record, rewarmup_settings
+    from megatron_sparkling.checkpoint.source import open_checkpoint
+    from megatron_sparkling.core.record import growth_record, rewarmup_settings
 
     if not enabled(ns) or not result.grown:
         return None

@@ -3,7 +3,7 @@ growth methods, so tests of the plan (and of what depends on it) do not test a m
 
 Every element is copied from its source along every dimension; fan-in columns are divided by
 their source's copy count (function-preserving at integer factors)."""
-from megatron_sparkling import layout
+from megatron_sparkling.core import layout
 
 
 def element_copy(plan, lay: layout.TensorLayout, tensor):

@@ -18,7 +18,7 @@ def save_legacy(trainer, root: str) -> str:
     from megatron.core import tensor_parallel
 
     from megatron_sparkling.checkpoint.legacy import rank_directory
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.mcore.model import unwrap
 
     args = trainer.args
     coordinates = {"tp": mpu.get_tensor_model_parallel_rank(),

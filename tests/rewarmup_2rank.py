@@ -25,7 +25,7 @@ def _known_hidden_masks(trainer, rewarmup):
     """Dense params whose new elements are exactly the hidden columns >= 32 of the last dim:
     each rank's shard mask must be that pattern cut at the shard's range (an independent check
     of the DP-shard slicing). Returns the names checked, and those this rank holds only part of."""
-    from megatron_sparkling import element_lr
+    from megatron_sparkling.live import element_lr
 
     names = {id(p): n for n, p in trainer.model[0].module.named_parameters()}
     hidden_only = ("embedding.word_embeddings.weight", "output_layer.weight",
@@ -47,7 +47,7 @@ def _known_hidden_masks(trainer, rewarmup):
 
 
 def resume(out_dir, argv):
-    from megatron_sparkling import schedule
+    from megatron_sparkling.live import rewarmup as schedule
     from megatron_sparkling.training.initialize import shutdown
     from megatron_sparkling.training.loop import Pretrainer
 
@@ -66,9 +66,10 @@ def resume(out_dir, argv):
 
 
 def grow(out_dir, argv):
-    from megatron_sparkling import element_lr, schedule
+    from megatron_sparkling.live import element_lr
+    from megatron_sparkling.live import rewarmup as schedule
     from megatron_sparkling.methods.base import Grower, GrowthMethod
-    from megatron_sparkling.spec import GrowthSpec, ModelShape
+    from megatron_sparkling.core.spec import GrowthSpec, ModelShape
     from megatron_sparkling.training.initialize import shutdown
     from megatron_sparkling.training.loop import Pretrainer
 

@@ -1,4 +1,4 @@
-"""What the re-warmup tests expect, written independently of megatron_sparkling.schedule: the
+"""What the re-warmup tests expect, written independently of megatron_sparkling.live.rewarmup: the
 schedules in closed form (cosine base) and torch's AdamW update by hand. Shared by
 test_rewarmup.py (1 rank, in process) and rewarmup_2rank.py (torchrun)."""
 import math

@@ -2,8 +2,8 @@
 new units keeps every linear's r within 2% and the held-out loss within 0.5%."""
 import pytest
 
-from megatron_sparkling import calibration
-from megatron_sparkling.checkpoint.memory import load_model_global_tensors
+from megatron_sparkling.diagnostics import calibration
+from megatron_sparkling.live.state import load_model_global_tensors
 from megatron_sparkling.training import data
 from test_width import AXES_1_5X, FIGURES, grow_all, heldout_loss, logits_of, narrow  # noqa: F401
 
@@ -57,7 +57,7 @@ def test_calibrated_sparkling_1_5x_random_units(narrow, held_out, axis):
 def test_corrections_apply_to_stored_tensors(narrow):
     """The same scaling reaches the fp32 main params: applying the corrections to the grown
     global tensors reproduces the calibrated model's weights."""
-    from megatron_sparkling.checkpoint.memory import model_global_tensors
+    from megatron_sparkling.live.state import model_global_tensors
 
     change = AXES_1_5X["expert_ffn"]
     grower = narrow.grower(change, "sparkling", seed=5, new_units="random")

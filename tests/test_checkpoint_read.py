@@ -71,7 +71,7 @@ def _assert_same_state(a, b):
 
 
 def test_every_distributed_optimizer_format_reads_the_same_model_space_state(saved):
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     reference = open_checkpoint(saved[True, "fully_reshardable"])
     assert reference.optimizer.format == "fully_reshardable"
@@ -90,7 +90,7 @@ def test_every_distributed_optimizer_format_reads_the_same_model_space_state(sav
 
 
 def test_without_distributed_optimizer_torch_dist_and_legacy_agree(saved):
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     a = open_checkpoint(saved[False, "torch_dist"])
     b = open_checkpoint(saved[False, "legacy"])
@@ -99,7 +99,7 @@ def test_without_distributed_optimizer_torch_dist_and_legacy_agree(saved):
 
 
 def test_common_state_metadata_and_regions(saved):
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     ckpt = open_checkpoint(saved[True, "fully_reshardable"])
     assert ckpt.iteration == 3 and ckpt.common["iteration"] == 3
@@ -120,7 +120,7 @@ def test_common_state_metadata_and_regions(saved):
 
 def test_common_state_stored_as_a_sharded_object_is_read(saved, tmp_path):
     """Newer Megatron stores the common state as the `common_state` ShardedObject, no common.pt."""
-    from megatron_sparkling.checkpoint.reader import object_bytes, open_checkpoint
+    from megatron_sparkling.checkpoint.source import object_bytes, open_checkpoint
     from megatron_sparkling.checkpoint.writer import write_torch_dist
 
     source = open_checkpoint(saved[True, "fully_reshardable"])
@@ -139,8 +139,8 @@ def test_common_state_stored_as_a_sharded_object_is_read(saved, tmp_path):
 
 
 def test_iteration_choice_and_clear_errors(saved, tmp_path):
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
-    from megatron_sparkling.training.checkpointing import CheckpointError
+    from megatron_sparkling.checkpoint.source import open_checkpoint
+    from megatron_sparkling.checkpoint.paths import CheckpointError
 
     root = saved[True, "fully_reshardable"]
     assert open_checkpoint(root, iteration=3).iteration == 3
@@ -160,7 +160,7 @@ def test_iteration_choice_and_clear_errors(saved, tmp_path):
 def test_chained_optimizer_prefixes_are_read(saved, tmp_path):
     """Older Megatron (no `chained_optim_avoid_prefix`) prefixes a ChainedOptimizer's model-space
     keys with `chained_<i>.`; they read as the unprefixed ones."""
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
     from megatron_sparkling.checkpoint.writer import write_torch_dist
 
     source = open_checkpoint(saved[True, "fully_reshardable"])

@@ -8,13 +8,13 @@ import torch
 
 from conftest import megatron_run, tiny_moe_flags
 from element_copy import element_copy
-from megatron_sparkling import layout
-from megatron_sparkling.checkpoint.memory import model_global_tensors
+from megatron_sparkling.core import layout
+from megatron_sparkling.live.state import model_global_tensors
 from megatron_sparkling.operators import depth
-from megatron_sparkling.plan import GrowthPlan
-from megatron_sparkling.spec import DepthOptions, GrowthSpec, GrowthSpecError, ModelShape, validate
+from megatron_sparkling.core.plan import GrowthPlan
+from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, GrowthSpecError, ModelShape, validate
 from megatron_sparkling.training import data, growth
-from megatron_sparkling.training import model as model_lib
+from megatron_sparkling.mcore import model as model_lib
 
 
 def test_layer_maps():
@@ -226,7 +226,7 @@ def test_width_and_depth_compose_in_one_plan(corpus_prefix, stack_kind):
                     value = _copy_along_plan(plan, skey, tensors[skey], source.swiglu)
                 grown[key] = depth.finish_new_layers(key, value, "param", lmap, opts, fresh)
                 assert grown[key].shape == like.shape, key
-            from megatron_sparkling.checkpoint.memory import load_model_global_tensors
+            from megatron_sparkling.live.state import load_model_global_tensors
 
             load_model_global_tensors(model, grown)
             after = _logits(t, model)

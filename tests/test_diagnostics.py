@@ -13,13 +13,13 @@ import torch
 from conftest import megatron_run, tiny_moe_flags
 from element_copy import element_copy
 from megatron_sparkling import diagnostics as dg
-from megatron_sparkling import layout
-from megatron_sparkling.checkpoint.memory import load_model_global_tensors, model_global_tensors
+from megatron_sparkling.core import layout
+from megatron_sparkling.live.state import load_model_global_tensors, model_global_tensors
 from megatron_sparkling.methods.base import GrowthMethod, Grower
-from megatron_sparkling.plan import GrowthPlan
-from megatron_sparkling.spec import GrowthSpec, ModelShape
+from megatron_sparkling.core.plan import GrowthPlan
+from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 from megatron_sparkling.training import data
-from megatron_sparkling.training import model as model_lib
+from megatron_sparkling.mcore import model as model_lib
 
 # A narrow MoE model with a dense second layer and a shared expert, so every site kind is seen.
 NARROW = dict(moe_layer_freq="[1,0]", ffn_hidden_size=96, moe_shared_expert_intermediate_size=64,

@@ -86,7 +86,7 @@ def test_growth_through_the_cli_preserves_the_loss(source, tmp_path, corpus_pref
     """2x hidden and 2x expert FFN with `sparkling` (copy-copy: function preserving at 2x): the
     grown model's first loss is the narrow model's loss on the same batch; every optimizer
     tensor is grown too (old elements keep their Adam state, new ones start at zero)."""
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     src, continued = source
     dst = tmp_path / "grown"
@@ -104,9 +104,9 @@ def test_growth_through_the_cli_preserves_the_loss(source, tmp_path, corpus_pref
     record = grown.common["sparkling"]
     assert record["growth"]["method"] == "sparkling" and record["growth"]["seed"] == 7
     assert record["rewarmup"] == {"iters": 3, "peak_ratio": 0.5, "start_iteration": SAVE_AT}
-    from megatron_sparkling.element_lr import global_new_mask
-    from megatron_sparkling.plan import GrowthPlan
-    from megatron_sparkling.spec import GrowthSpec, ModelShape
+    from megatron_sparkling.live.element_lr import global_new_mask
+    from megatron_sparkling.core.plan import GrowthPlan
+    from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 
     growth = record["growth"]
     plan = GrowthPlan.from_state_dict(GrowthSpec(ModelShape(**growth["source"]),
@@ -135,7 +135,7 @@ def test_expert_count_growth_loads_strictly(source, tmp_path, corpus_prefix):
 def _logits(corpus_prefix, load, **flags):
     """Logits of a checkpoint's model on the first validation micro-batch (eval mode)."""
     from megatron_sparkling.training import data
-    from megatron_sparkling.training import model as model_lib
+    from megatron_sparkling.mcore import model as model_lib
 
     with megatron_run(tiny_moe_flags(corpus_prefix, load=load, **flags)) as trainer:
         batch = data.to_device(next(data.microbatches(trainer.valid_ds, 0, 1, trainer.args)))
@@ -151,12 +151,12 @@ def test_identity_depth_growth_through_the_cli_keeps_the_logits(source, tmp_path
     checkpoint loads strictly at 4 layers and its logits equal the source's; the new layers'
     Adam moments are reset, their weights copy layer 0 with zero output projections, and the
     growth record marks exactly those layers new (the re-warmup mask)."""
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
-    from megatron_sparkling.element_lr import global_new_mask
+    from megatron_sparkling.checkpoint.source import open_checkpoint
+    from megatron_sparkling.live.element_lr import global_new_mask
     from megatron_sparkling.operators import depth
-    from megatron_sparkling.plan import GrowthPlan
-    from megatron_sparkling.record import growth_record
-    from megatron_sparkling.spec import GrowthSpec, ModelShape
+    from megatron_sparkling.core.plan import GrowthPlan
+    from megatron_sparkling.core.record import growth_record
+    from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 
     src, _ = source
     dst = tmp_path / "deeper"
@@ -196,7 +196,7 @@ def test_random_depth_and_width_in_one_conversion(source, tmp_path, corpus_prefi
     grown run's --init-method-std) and 2x expert FFN in one conversion: the fresh layer's weights
     and fp32 main params agree, its Adam moments are zero, it is no copy of a source layer, and
     the result loads strictly and trains."""
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     src, _ = source
     dst = tmp_path / "random"
@@ -221,7 +221,7 @@ def test_depth_growth_of_a_mixed_dense_moe_stack(tmp_path, corpus_prefix, capsys
     layers (alternate) and 2x expert FFN in one conversion: per-layer keys of the new layers
     come from their source layers, the grown --moe-layer-freq keeps each copy's type and is
     printed, the result loads strictly and trains; identity layers keep the logits."""
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     mixed = dict(NARROW, moe_layer_freq="[1,0]", ffn_hidden_size=96)
     src = tmp_path / "mixed"
@@ -332,7 +332,7 @@ def test_existing_target_needs_overwrite(source, tmp_path, capsys):
 
 
 def test_keep_rng_only_at_the_source_layout(source, tmp_path, capsys):
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     src, _ = source
     assert expand("--load", src, "--save", tmp_path / "a", "--keep-rng",
@@ -354,8 +354,8 @@ def _cli(argv, **kw):
 
 
 def test_killed_conversion_leaves_nothing_loadable_and_a_rerun_succeeds(source, tmp_path):
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
-    from megatron_sparkling.training.checkpointing import CheckpointError
+    from megatron_sparkling.checkpoint.source import open_checkpoint
+    from megatron_sparkling.checkpoint.paths import CheckpointError
 
     src, _ = source
     dst = tmp_path / "out"

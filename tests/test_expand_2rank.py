@@ -49,7 +49,7 @@ def test_two_rank_checkpoints_convert_back_to_one_rank(tmp_path, corpus_prefix, 
     """dp_reshardable and legacy checkpoints of a TP=2 (GQA, SwiGLU fc1 split per rank) or EP=2
     (chained dense + expert optimizer) run read exactly like its fully_reshardable save; the
     converted dp_reshardable one resumes at TP=1, EP=1 with the 2-rank run's own losses."""
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     out = tmp_path / "formats"
     metrics = tmp_path / "metrics.jsonl"
@@ -206,7 +206,7 @@ def test_width_and_depth_in_one_conversion_resume_at_tp2_and_ep2(
 def test_conversion_split_across_two_ranks_equals_one_process(tmp_path, narrow):
     """Under torchrun the tensors are divided among the ranks (each writes its own files); the
     result equals a one-process conversion tensor for tensor, growth (width and depth) included."""
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
+    from megatron_sparkling.checkpoint.source import open_checkpoint
 
     src, _ = narrow
     grow = ["--load", src, *WIDER, "--seed", 5, "--num-layers", 3]

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import megatron_run, tiny_moe_flags
-from megatron_sparkling import layout
-from megatron_sparkling.checkpoint.memory import load_model_global_tensors, model_global_tensors
-from megatron_sparkling.spec import ModelShape
+from megatron_sparkling.core import layout
+from megatron_sparkling.live.state import load_model_global_tensors, model_global_tensors
+from megatron_sparkling.core.spec import ModelShape
 
 CONFIGS = {
     "moe": {},

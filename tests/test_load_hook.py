@@ -1,4 +1,4 @@
-"""Growth on load (megatron_sparkling.hook): a run started wider with --load at a narrow
+"""Growth on load (megatron_sparkling.live.load_hook): a run started wider with --load at a narrow
 checkpoint grows it in memory, with no conversion step, and ends in the same state as
 `megatron-sparkling expand` followed by a normal load."""
 import os
@@ -104,7 +104,7 @@ def test_growth_on_load_equals_expand_then_load(narrow, corpus_prefix, tmp_path)
     (dict(hidden_size=128, kv_channels=16, sparkling_method="nope"), "unknown growth method"),
 ])
 def test_bad_growth_on_load_is_one_line(narrow, corpus_prefix, change, message):
-    from megatron_sparkling.training.checkpointing import CheckpointError
+    from megatron_sparkling.checkpoint.paths import CheckpointError
 
     root, _, _ = narrow
     flags = tiny_moe_flags(corpus_prefix, load=root, **dict(NARROW, **change))
@@ -120,7 +120,7 @@ def test_bad_growth_on_load_is_one_line(narrow, corpus_prefix, change, message):
 
 
 def test_install_wraps_our_loader_once():
-    from megatron_sparkling import hook
+    from megatron_sparkling.live import load_hook as hook
     from megatron_sparkling.training import checkpointing
 
     original = checkpointing.load_checkpoint
@@ -136,7 +136,8 @@ def test_install_wraps_our_loader_once():
 def test_flags_compose_with_the_rewarmup_flags():
     import argparse
 
-    from megatron_sparkling import hook, schedule
+    from megatron_sparkling.live import load_hook as hook
+    from megatron_sparkling.live import rewarmup as schedule
 
     parser = schedule.add_rewarmup_args(argparse.ArgumentParser())
     hook.add_args(hook.add_args(parser))   # twice: each flag added once

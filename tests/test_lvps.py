@@ -8,9 +8,9 @@ import torch
 
 from conftest import megatron_run, tiny_moe_flags
 from megatron_sparkling.operators import depth
-from megatron_sparkling.spec import DepthOptions, GrowthSpec, ModelShape
+from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
 from megatron_sparkling.training import data, growth, lvps
-from megatron_sparkling.training import model as model_lib
+from megatron_sparkling.mcore import model as model_lib
 
 
 def test_lvps_sampler_follows_the_formula():

@@ -3,10 +3,10 @@ import torch
 
 from conftest import megatron_run, tiny_moe_flags
 from element_copy import element_copy
-from megatron_sparkling import layout
-from megatron_sparkling.checkpoint.memory import load_model_global_tensors, model_global_tensors
-from megatron_sparkling.plan import GrowthPlan, UnitMap, balanced_twins
-from megatron_sparkling.spec import GrowthSpec, ModelShape, validate
+from megatron_sparkling.core import layout
+from megatron_sparkling.live.state import load_model_global_tensors, model_global_tensors
+from megatron_sparkling.core.plan import GrowthPlan, UnitMap, balanced_twins
+from megatron_sparkling.core.spec import GrowthSpec, ModelShape, validate
 
 
 def test_balanced_twins_copy_every_unit_equally_at_integer_factors():

@@ -79,7 +79,7 @@ def test_checkpoint_has_megatron_lm_layout(tmp_path, corpus_prefix):
 
 
 def test_load_refuses_other_model_shape_with_a_clear_message(tmp_path, corpus_prefix):
-    from megatron_sparkling.training.checkpointing import CheckpointError
+    from megatron_sparkling.checkpoint.paths import CheckpointError
 
     save = str(tmp_path / "ckpt")
     with megatron_run(tiny_moe_flags(corpus_prefix, train_iters=2, lr_warmup_iters=1, save=save)) as trainer:

@@ -3,7 +3,7 @@
 A narrow MoE (hidden 32, expert FFN 64, 2 experts) trains T_E iterations; its weights are copied
 along a growth plan's element maps into the tiny wide model (hidden 64, expert FFN 128, 4 experts),
 which then trains with the re-warmup. Expected learning rates are written out here in closed form
-(cosine base schedule), independently of megatron_sparkling.schedule (rewarmup_checks.py).
+(cosine base schedule), independently of megatron_sparkling.live.rewarmup (rewarmup_checks.py).
 """
 import contextlib
 import os
@@ -16,15 +16,17 @@ from conftest import megatron_run, single_rank, tiny_moe_flags
 from rewarmup_checks import (GBS, LR, MIN_LR, NARROW, R, REWARMUP, RUN, T_E, TOTAL, W, WIDE,
                              base_lr, check_one_step, inner_optimizers, masks_of, new_lr,
                              ramp_lrs)
-from megatron_sparkling import element_lr, layout, schedule
+from megatron_sparkling.live import element_lr
+from megatron_sparkling.core import layout
+from megatron_sparkling.live import rewarmup as schedule
 from megatron_sparkling.methods.base import Grower, GrowthMethod
-from megatron_sparkling.spec import GrowthSpec, ModelShape
+from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 
 
 @pytest.fixture(scope="module")
 def narrow_model(corpus_prefix):
     """Global tensors and shape of the narrow model after T_E iterations."""
-    from megatron_sparkling.checkpoint.memory import model_global_tensors
+    from megatron_sparkling.live.state import model_global_tensors
 
     with megatron_run(tiny_moe_flags(corpus_prefix, **NARROW, **RUN)) as narrow:
         for _ in range(T_E):
@@ -35,7 +37,7 @@ def narrow_model(corpus_prefix):
 def grow(trainer, narrow_model):
     """Load the narrow weights, copied along a twin plan, into the wide trainer's model; returns
     the growth record (Grower.record())."""
-    from megatron_sparkling.checkpoint.memory import load_model_global_tensors
+    from megatron_sparkling.live.state import load_model_global_tensors
 
     tensors, source = narrow_model
     grower = Grower(GrowthSpec(source, ModelShape.from_args(trainer.args), "copy", seed=3),
@@ -109,7 +111,7 @@ def test_masks_mark_exactly_the_new_elements_of_each_local_parameter(corpus_pref
             assert mask(f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight").all()
         # every new element of every global tensor is masked once, and nothing else
         plan, swiglu = schedule._plan_of(record)
-        from megatron_sparkling.checkpoint.memory import model_global_tensors
+        from megatron_sparkling.live.state import model_global_tensors
 
         expected = sum(int(m.sum()) for m in (
             element_lr.global_new_mask(plan, k, swiglu) for k in model_global_tensors(trainer.model))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import megatron_run, tiny_moe_flags
-from megatron_sparkling import cli, stage_timing
-from megatron_sparkling.stage_timing import PUBLISHED, Curve, ScalingLaw
-from megatron_sparkling.training import model as model_lib
+from megatron_sparkling import cli
+from megatron_sparkling.planning import stage_timing
+from megatron_sparkling.planning.stage_timing import PUBLISHED, Curve, ScalingLaw
+from megatron_sparkling.mcore import model as model_lib
 
 STEPS = np.arange(100, 20001, 100)
 

@@ -8,10 +8,10 @@ re-warmup of new elements must break that lock while training goes on improving.
 import dataclasses
 
 from conftest import megatron_run, tiny_moe_flags
-from megatron_sparkling import schedule
+from megatron_sparkling.live import rewarmup as schedule
 from megatron_sparkling.diagnostics import twin_similarity
 from megatron_sparkling.methods import Grower
-from megatron_sparkling.spec import GrowthSpec, ModelShape
+from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 from megatron_sparkling.training import data
 
 NARROW = dict(train_iters=140, lr=3e-3, min_lr=3e-4, lr_warmup_iters=4, hidden_dropout=0,

@@ -21,19 +21,19 @@ import torch
 import torch.nn.functional as F
 
 from conftest import megatron_run, tiny_moe_flags
-from megatron_sparkling import layout
-from megatron_sparkling.checkpoint.memory import (
+from megatron_sparkling.core import layout
+from megatron_sparkling.live.state import (
     fill_from_global,
     gather_global,
     load_model_global_tensors,
     model_global_tensors,
 )
-from megatron_sparkling.masked_growth import MaskRamp
+from megatron_sparkling.live.mask_ramp import MaskRamp
 from megatron_sparkling.methods import Grower
 from megatron_sparkling.operators import width
-from megatron_sparkling.spec import GrowthSpec, GrowthSpecError, ModelShape, ParallelLayout
+from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError, ModelShape, ParallelLayout
 from megatron_sparkling.training import data
-from megatron_sparkling.training import model as model_lib
+from megatron_sparkling.mcore import model as model_lib
 
 NARROW = dict(group_query_attention=True, num_query_groups=2, moe_layer_freq="[1,0]",
               ffn_hidden_size=96, moe_shared_expert_intermediate_size=64, train_iters=60,

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from megatron_sparkling import layout
+from megatron_sparkling.core import layout
 from megatron_sparkling.methods import Grower
 from megatron_sparkling.operators import norms, optimizer, width
-from megatron_sparkling.plan import UnitMap
-from megatron_sparkling.spec import GrowthSpec, ModelShape
+from megatron_sparkling.core.plan import UnitMap
+from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 
 
 def twins(old, new, sources):
@@ -196,7 +196,7 @@ def test_stacked_extra_state_grows_along_layers_and_experts():
 
 def test_fresh_layers_need_a_depth_rule_and_get_it():
     from megatron_sparkling.methods import get_method
-    from megatron_sparkling.spec import GrowthSpecError
+    from megatron_sparkling.core.spec import GrowthSpecError
 
     spec = GrowthSpec(SHAPE, SHAPE.replace(num_layers=3), "sparkling")
     method = get_method("sparkling")

@@ -17,7 +17,7 @@ import shutil
 import uuid
 
 from megatron_sparkling.checkpoint.writer import fsync_path, write_file_synced
-from megatron_sparkling.training.checkpointing import (
+from megatron_sparkling.checkpoint.paths import (
     TRACKER,
     CheckpointError,
     iteration_dir,

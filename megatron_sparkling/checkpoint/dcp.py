@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_sparkling.training.checkpointing import CheckpointError
+from megatron_sparkling.checkpoint.paths import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import copy
 
 import torch
 
-from megatron_sparkling.training.checkpointing import CheckpointError
+from megatron_sparkling.checkpoint.paths import CheckpointError
 
 IDENTITY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
 CONTENT_METADATA = {

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_sparkling.checkpoint.dcp import DcpCheckpoint
-from megatron_sparkling.training.checkpointing import CheckpointError
+from megatron_sparkling.checkpoint.paths import CheckpointError
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 _MODEL_SPACE = re.compile(r"^(chained_\d+\.)?optimizer\.state\.(param|fp32_param|exp_avg_sq|exp_avg)"

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling.training.checkpointing import CheckpointError
+from megatron_sparkling.checkpoint.paths import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ def _build_rank(args, rank: int, with_optimizer: bool) -> RankLayout:
 
     from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron_sparkling.training import model as model_lib
+    from megatron_sparkling.mcore import model as model_lib
 
     _, _, order = _generators(args)
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank,

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling.record import RECORD_KEY, growth_record  # noqa: E402
+from megatron_sparkling.core.record import RECORD_KEY, growth_record  # noqa: E402
 
 
 class VerifyError(ValueError):
@@ -137,7 +137,7 @@ def one_rank_process(args):
 def load_model(root: str, iteration: int, args):
     """The model chunks of checkpoint `root` at `iteration`, loaded strictly (no DDP wrapper)."""
     from megatron_sparkling.training import checkpointing
-    from megatron_sparkling.training import model as model_lib
+    from megatron_sparkling.mcore import model as model_lib
 
     model = model_lib.build_model(args, wrap_with_ddp=False)
     args = copy.copy(args)
@@ -168,8 +168,8 @@ def diagnostic_batches(args, count: int) -> tuple[list, str]:
 
 def plan_from_record(record: dict):
     """The GrowthPlan of a growth record (Grower.record())."""
-    from megatron_sparkling.plan import GrowthPlan
-    from megatron_sparkling.spec import GrowthSpec, ModelShape
+    from megatron_sparkling.core.plan import GrowthPlan
+    from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 
     try:
         spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
@@ -182,7 +182,7 @@ def plan_from_record(record: dict):
 
 
 def _check_plan_fits(plan, before_args, after_args) -> None:
-    from megatron_sparkling.spec import ModelShape
+    from megatron_sparkling.core.spec import ModelShape
 
     for side, shape, args in (("source", plan.spec.source, before_args),
                               ("target", plan.spec.target, after_args)):

@@ -1,7 +1,7 @@
 """Which module of a live megatron-core GPTModel is which observation site.
 
 Parameters are named by their checkpoint keys through the model's own sharded state dict, and a
-key's layout (megatron_sparkling.layout) says what a linear is (QKV, attention output, dense /
+key's layout (megatron_sparkling.core.layout) says what a linear is (QKV, attention output, dense /
 routed-expert / shared-expert fc1 and fc2, router, output layer), which layer it is in and which
 expert it belongs to. Norms all share one layout (a hidden-size gain), so which norm is which comes
 from megatron-core's module structure: TransformerLayer.input_layernorm and .pre_mlp_layernorm,
@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.layout import Axis, Kind
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core.layout import Axis, Kind
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ParamRef:
 
 def bare_model(model):
     """The GPTModel of a model given as a chunk list (as Pretrainer.model) or one module."""
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.mcore.model import unwrap
 
     chunks = model if isinstance(model, (list, tuple)) else [model]
     bare = unwrap(chunks)

@@ -33,9 +33,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.layout import Axis, Kind, Packing
-from megatron_sparkling.plan import GrowthPlan
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core.layout import Axis, Kind, Packing
+from megatron_sparkling.core.plan import GrowthPlan
 
 HEADS = "heads"
 QKV_GROUPS = "qkv_groups"
@@ -258,7 +258,7 @@ def model_gradients(model, batches: Iterable[dict]) -> dict:
     """Global gradient tensors by checkpoint key: d(mean token loss over all batches)/d(weights),
     in eval mode (no dropout, no auxiliary MoE loss). The model's gradient buffers are zeroed
     before and after, so a training step that follows is not affected. 1 rank only."""
-    from megatron_sparkling.checkpoint.memory import gather_global
+    from megatron_sparkling.live.state import gather_global
     from megatron_sparkling.diagnostics.activations import forward_loss
     from megatron_sparkling.diagnostics.sites import bare_model, require_whole_model
 
@@ -292,7 +292,7 @@ def model_gradients(model, batches: Iterable[dict]) -> dict:
 
 
 def model_weights(model) -> dict:
-    from megatron_sparkling.checkpoint.memory import model_global_tensors
+    from megatron_sparkling.live.state import model_global_tensors
 
     return model_global_tensors(model if isinstance(model, (list, tuple)) else [model])
 

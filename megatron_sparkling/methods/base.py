@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.layout import Axis
-from megatron_sparkling.plan import GrowthPlan, UnitMap
-from megatron_sparkling.spec import GrowthSpec, ParallelLayout, validate
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core.layout import Axis
+from megatron_sparkling.core.plan import GrowthPlan, UnitMap
+from megatron_sparkling.core.spec import GrowthSpec, ParallelLayout, validate
 
 STATE_KINDS = ("param", "exp_avg", "exp_avg_sq", "momentum")
 

@@ -7,7 +7,7 @@ norms now divide by a larger RMS-count (zero) or see init-scale coordinates amon
 """
 from __future__ import annotations
 
-from megatron_sparkling.layout import Axis
+from megatron_sparkling.core.layout import Axis
 from megatron_sparkling.methods.base import register
 from megatron_sparkling.methods.elementwise import WIDTH_PLAN_AXES, ElementwiseGrowth
 

@@ -22,12 +22,12 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.layout import Axis, Kind, Role
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core.layout import Axis, Kind, Role
 from megatron_sparkling.methods.base import GrowthMethod
 from megatron_sparkling.operators import norms, optimizer, width
-from megatron_sparkling.plan import GrowthPlan, UnitMap
-from megatron_sparkling.spec import GrowthSpec, GrowthSpecError
+from megatron_sparkling.core.plan import GrowthPlan, UnitMap
+from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError
 
 # Width axes of a GrowthPlan (everything a width method may append units to), and the spec
 # axes (stored sizes) that belong to each.
@@ -184,7 +184,7 @@ class ElementwiseGrowth(GrowthMethod):
 def integer_factor_or_refuse(spec: GrowthSpec, method: str) -> dict:
     """{axis: k} for every grown width axis; refuses (one line) an axis whose factor is not an
     integer, naming the valid sizes."""
-    from megatron_sparkling.spec import WIDTH_FIELDS
+    from megatron_sparkling.core.spec import WIDTH_FIELDS
 
     factors = {}
     for name, label in WIDTH_FIELDS.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sparkling.layout import Axis, Role
+from megatron_sparkling.core.layout import Axis, Role
 from megatron_sparkling.methods.base import register
 from megatron_sparkling.methods.elementwise import (
     ElementwiseGrowth,
@@ -23,7 +23,7 @@ from megatron_sparkling.methods.elementwise import (
     integer_factor_or_refuse,
 )
 from megatron_sparkling.operators import width
-from megatron_sparkling.plan import GrowthPlan, UnitMap
+from megatron_sparkling.core.plan import GrowthPlan, UnitMap
 
 
 def tiled(old: int, new: int) -> UnitMap:

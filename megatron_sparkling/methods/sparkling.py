@@ -16,7 +16,7 @@
 """
 from __future__ import annotations
 
-from megatron_sparkling.layout import Axis
+from megatron_sparkling.core.layout import Axis
 from megatron_sparkling.methods.base import register
 from megatron_sparkling.methods.elementwise import WIDTH_PLAN_AXES, ElementwiseGrowth
 from megatron_sparkling.operators import width

@@ -19,12 +19,12 @@ independent: tests/test_width.py measures how fast the off-diagonal blocks fill 
 """
 from __future__ import annotations
 
-from megatron_sparkling.layout import Role
+from megatron_sparkling.core.layout import Role
 from megatron_sparkling.methods.base import register
 from megatron_sparkling.methods.elementwise import ElementwiseGrowth, integer_factor_or_refuse
 from megatron_sparkling.methods.hypercloning import tiled_plan
 from megatron_sparkling.operators import width
-from megatron_sparkling.spec import WIDTH_FIELDS, GrowthSpecError
+from megatron_sparkling.core.spec import WIDTH_FIELDS, GrowthSpecError
 
 
 def _out_in(lay):

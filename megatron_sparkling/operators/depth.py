@@ -34,10 +34,10 @@ from typing import Mapping, Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.layout import Axis, Kind, Role
-from megatron_sparkling.plan import UnitMap
-from megatron_sparkling.spec import (
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core.layout import Axis, Kind, Role
+from megatron_sparkling.core.plan import UnitMap
+from megatron_sparkling.core.spec import (
     DEPTH_METHODS,
     DEPTH_PLACEMENTS,
     NEW_LAYER_STATES,
@@ -343,7 +343,7 @@ class LayerGrowth:
 
     @classmethod
     def from_spec(cls, spec: GrowthSpec, fresh: FreshInit) -> "LayerGrowth":
-        from megatron_sparkling.spec import validate as validate_spec
+        from megatron_sparkling.core.spec import validate as validate_spec
 
         validate_spec(spec)
         if spec.grown_axes() != [Axis.LAYER]:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from megatron_sparkling.operators import width
-from megatron_sparkling.plan import UnitMap
+from megatron_sparkling.core.plan import UnitMap
 
 FRESH_GAIN_RULES = ("identity", "zeros", "empirical")
 

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_sparkling.operators import width
-from megatron_sparkling.plan import UnitMap
+from megatron_sparkling.core.plan import UnitMap
 
 STATE_RULES = ("reset_new", "copy", "zero_all", "staged")
 MOMENT_KINDS = ("exp_avg", "exp_avg_sq", "momentum")

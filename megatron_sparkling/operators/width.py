@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from megatron_sparkling.plan import UnitMap
+from megatron_sparkling.core.plan import UnitMap
 
 FILL_RULES = ("zeros", "constant", "normal", "empirical")
 Factor = Union[float, torch.Tensor, None]

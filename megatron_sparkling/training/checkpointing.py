@@ -21,35 +21,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from megatron_sparkling.checkpoint.paths import (  # noqa: F401  (part of this loader's API)
+    TRACKER,
+    CheckpointError,
+    iteration_dir,
+    read_tracker,
+    tracker_path,
+)
+
 CHECKPOINT_VERSION = 3.0
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as asked; the message says what to change."""
-
-
-def tracker_path(root: str) -> str:
-    return os.path.join(root, TRACKER)
-
-
-def iteration_dir(root: str, iteration: int, release: bool = False) -> str:
-    return os.path.join(root, "release" if release else f"iter_{iteration:07d}")
-
-
-def read_tracker(root: str) -> tuple[int, bool]:
-    """(iteration, release) from the tracker file; (-1, False) when there is none."""
-    path = tracker_path(root)
-    if not os.path.isfile(path):
-        return -1, False
-    text = open(path).read().strip()
-    if text == "release":
-        return 0, True
-    try:
-        return int(text), False
-    except ValueError:
-        raise CheckpointError(f"{path} holds {text!r}, not an iteration number; "
-                              "rewrite it with the iteration of the checkpoint to load") from None
 
 
 def sharded_state_dict_metadata(args) -> dict:
@@ -118,7 +98,7 @@ def _restore_rng(rng_state) -> None:
 def build_state_dict(args, model, optimizer, scheduler, metadata: dict, iteration=None,
                      with_optimizer=True, with_rng=True, is_loading=False) -> dict:
     """The (sharded) state dict Megatron-LM's generate_state_dict builds."""
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.mcore.model import unwrap
 
     chunks = unwrap(model)
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION}
@@ -196,7 +176,7 @@ def load_checkpoint(args, model, optimizer, scheduler, load_dir: Optional[str] =
     from megatron.core import parallel_state as mpu
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
     from megatron.core.optimizer import DistributedOptimizer
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.mcore.model import unwrap
 
     load_dir = load_dir or args.load
     iteration, release = _iteration_to_load(args, load_dir)

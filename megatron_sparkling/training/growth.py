@@ -15,9 +15,9 @@ from typing import Callable, Mapping
 
 import torch
 
-from megatron_sparkling.checkpoint import memory
+from megatron_sparkling.live import state as memory
 from megatron_sparkling.training import checkpointing
-from megatron_sparkling.training import model as model_lib
+from megatron_sparkling.mcore import model as model_lib
 
 MakeTensor = Callable[[str, tuple, Mapping[str, torch.Tensor]], torch.Tensor]
 

@@ -17,9 +17,9 @@ from functools import partial
 
 import torch
 
-from megatron_sparkling import schedule
+from megatron_sparkling.live import rewarmup as schedule
 from megatron_sparkling.training import checkpointing, data, flops
-from megatron_sparkling.training import model as model_lib
+from megatron_sparkling.mcore import model as model_lib
 from megatron_sparkling.training.initialize import initialize, shutdown
 
 
@@ -109,7 +109,7 @@ class Pretrainer:
         if args.load:
             # With growth on load: a narrower checkpoint grows to this run's sizes in memory
             # (hook.py); the loader itself is looked up at call time so a plugin can take over.
-            from megatron_sparkling import hook
+            from megatron_sparkling.live import load_hook as hook
 
             self.iteration, self.num_floating_point_operations_so_far = (
                 hook.load_checkpoint(args, self.model, self.optimizer, self.scheduler))
@@ -132,7 +132,8 @@ class Pretrainer:
 
     @classmethod
     def from_argv(cls, argv=None, extra_args_provider=None):
-        from megatron_sparkling import hook, wandb_log
+        from megatron_sparkling import wandb_log
+        from megatron_sparkling.live import load_hook as hook
 
         args = initialize(argv, _chain_providers(_add_run_flags, hook.add_args,
                                                  extra_args_provider))

@@ -99,7 +99,7 @@ class LayerSchedule:
 
 
 def decoder_block(model_chunks):
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.mcore.model import unwrap
 
     return unwrap(model_chunks)[0].decoder
 
@@ -208,7 +208,7 @@ class LVPSTraining:
     def grow(self, trainer, n: int):
         """Grow the unique layers to `n` by interpolation (Apollo)."""
         from megatron_sparkling.operators.depth import FreshInit, LayerGrowth
-        from megatron_sparkling.spec import DepthOptions, GrowthSpec, ModelShape
+        from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
 
         new = copy.copy(trainer.args)
         new.num_layers = n

@@ -65,7 +65,7 @@ def _small_args(args, start: int):
 
 
 def _growth_spec(small, full, new_layers: str, new_state: str):
-    from megatron_sparkling.spec import DepthOptions, GrowthSpec, ModelShape
+    from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
 
     method = "stack" if new_layers == "copy" else "random"
     return GrowthSpec(ModelShape.from_args(small), ModelShape.from_args(full), seed=full.seed,
@@ -87,7 +87,7 @@ class ProgressiveDepth:
         self._check(args)
 
     def _check(self, args):
-        from megatron_sparkling.spec import validate
+        from megatron_sparkling.core.spec import validate
 
         flag = "--sparkling-progressive-start-layers"
         _require(0 <= self.start < self.target,

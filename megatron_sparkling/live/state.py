@@ -97,7 +97,7 @@ def fill_from_global(sharded_state_dict, tensor_of: Callable[[str], torch.Tensor
 
 def model_global_tensors(model_chunks) -> dict:
     """Global tensors of a 1-rank model (DDP wrappers removed), by checkpoint key."""
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.mcore.model import unwrap
 
     tensors = {}
     for chunk in unwrap(model_chunks):
@@ -107,7 +107,7 @@ def model_global_tensors(model_chunks) -> dict:
 
 def load_model_global_tensors(model_chunks, tensors: dict, strict: bool = True) -> None:
     """Load global tensors (by checkpoint key) into a model of any parallel layout."""
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.mcore.model import unwrap
 
     for chunk in unwrap(model_chunks):
         missing = [k for k in _sharded_keys(chunk.sharded_state_dict()) if k not in tensors]

@@ -182,7 +182,7 @@ class UnknownTensorError(KeyError):
 
     def __str__(self):
         return (f"no layout known for checkpoint key {self.args[0]!r}; megatron_sparkling handles "
-                "megatron-core GPT/MoE tensors (see megatron_sparkling/layout.py)")
+                "megatron-core GPT/MoE tensors (see megatron_sparkling/core/layout.py)")
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
+from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.checkpoint.dcp import DcpCheckpoint, TensorSpec
 from megatron_sparkling.checkpoint import optimizer_state
-from megatron_sparkling.spec import ModelShape
-from megatron_sparkling.training.checkpointing import (
+from megatron_sparkling.core.spec import ModelShape
+from megatron_sparkling.checkpoint.paths import (
     TRACKER,
     CheckpointError,
     iteration_dir,

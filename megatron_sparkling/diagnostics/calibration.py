@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling.layout import Axis
-from megatron_sparkling.plan import GrowthPlan
+from megatron_sparkling.core.layout import Axis
+from megatron_sparkling.core.plan import GrowthPlan
 
 
 @dataclass(frozen=True)

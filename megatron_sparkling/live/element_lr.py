@@ -21,9 +21,9 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.layout import Axis
-from megatron_sparkling.plan import GrowthPlan
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core.layout import Axis
+from megatron_sparkling.core.plan import GrowthPlan
 
 
 class ElementMaskError(ValueError):
@@ -67,8 +67,8 @@ def _blank(item):
 def model_param_masks(model_chunks, plan: GrowthPlan, swiglu: bool) -> dict:
     """{id(param): (param, local bool mask)} for every local parameter with new elements."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron_sparkling.checkpoint.memory import fill_from_global
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.live.state import fill_from_global
+    from megatron_sparkling.mcore.model import unwrap
 
     out = {}
     for chunk in unwrap(model_chunks):

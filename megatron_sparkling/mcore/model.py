@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_sparkling.training.norms import replace_torch_norm
+from megatron_sparkling.mcore.norms import replace_torch_norm
 
 
 def padded_vocab_size(vocab_size: int, args) -> int:

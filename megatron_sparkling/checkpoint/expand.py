@@ -34,16 +34,16 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
+from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.checkpoint import optimizer_common, shadow
 from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
 from megatron_sparkling.checkpoint.dcp import TensorSpec
-from megatron_sparkling.checkpoint.growing import GrownTensors
-from megatron_sparkling.checkpoint.reader import open_checkpoint
+from megatron_sparkling.checkpoint.grown import GrownTensors
+from megatron_sparkling.checkpoint.source import open_checkpoint
 from megatron_sparkling.checkpoint.writer import write_torch_dist
-from megatron_sparkling.record import RECORD_KEY
+from megatron_sparkling.core.record import RECORD_KEY
 from megatron_sparkling.operators import depth as depth_lib
-from megatron_sparkling.spec import (
+from megatron_sparkling.core.spec import (
     DepthOptions,
     GrowthSpec,
     GrowthSpecError,
@@ -51,7 +51,7 @@ from megatron_sparkling.spec import (
     ParallelLayout,
     validate,
 )
-from megatron_sparkling.training.checkpointing import CheckpointError
+from megatron_sparkling.checkpoint.paths import CheckpointError
 
 OPTIMIZER_PREFIX = "optimizer.state.{kind}."
 WRITTEN_KINDS = ("param", "exp_avg", "exp_avg_sq")
@@ -156,7 +156,7 @@ class Conversion:
         return target.replace(moe_layer_freq=pattern)
 
     def _grower(self):
-        from megatron_sparkling.checkpoint.growing import make_grower
+        from megatron_sparkling.checkpoint.grown import make_grower
         from megatron_sparkling.methods.base import get_method
 
         try:
@@ -281,7 +281,7 @@ class Conversion:
         expert or layer count grew: one per grown unit, copied from its source unit."""
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        from megatron_sparkling.checkpoint.reader import object_bytes
+        from megatron_sparkling.checkpoint.source import object_bytes
 
         out = {}
         if hasattr(self.grower, "grow_objects"):

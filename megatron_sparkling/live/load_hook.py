@@ -31,8 +31,8 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling import schedule
-from megatron_sparkling.training.checkpointing import CheckpointError
+from megatron_sparkling.live import rewarmup as schedule
+from megatron_sparkling.checkpoint.paths import CheckpointError
 
 GROWING = "_sparkling_growing"     # marks a loader already wrapped by `growing`
 # The sizes whose change means "grow on load" (the ModelShape fields the growth methods widen).
@@ -93,7 +93,7 @@ class PendingGrowth:
 
 
 def _checkpoint_iteration(args, load_dir: str) -> Optional[int]:
-    from megatron_sparkling.training.checkpointing import read_tracker
+    from megatron_sparkling.checkpoint.paths import read_tracker
 
     if getattr(args, "ckpt_step", None) is not None:
         return args.ckpt_step
@@ -103,7 +103,7 @@ def _checkpoint_iteration(args, load_dir: str) -> Optional[int]:
 
 def _shapes_change(src, source, target) -> bool:
     """Whether any stored model tensor has another shape at `target`'s sizes."""
-    from megatron_sparkling.checkpoint.reader import expected_shape
+    from megatron_sparkling.checkpoint.source import expected_shape
 
     return any(expected_shape(k, source) != expected_shape(k, target) for k in src.model_tensors)
 
@@ -115,10 +115,10 @@ def pending_growth(args, load_dir: Optional[str]) -> Optional[PendingGrowth]:
     raises CheckpointError with one line."""
     import os
 
-    from megatron_sparkling.checkpoint.growing import make_grower
-    from megatron_sparkling.checkpoint.reader import open_checkpoint
-    from megatron_sparkling.spec import GrowthSpec, GrowthSpecError, ModelShape, ParallelLayout
-    from megatron_sparkling.training.checkpointing import TRACKER
+    from megatron_sparkling.checkpoint.grown import make_grower
+    from megatron_sparkling.checkpoint.source import open_checkpoint
+    from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError, ModelShape, ParallelLayout
+    from megatron_sparkling.checkpoint.paths import TRACKER
 
     if not load_dir or not os.path.isfile(os.path.join(load_dir, TRACKER)) and (
             getattr(args, "ckpt_step", None) is None):
@@ -172,7 +172,7 @@ def new_element_count(growth: PendingGrowth) -> tuple[int, int]:
     """(elements before, elements after) of the model's stored tensors."""
     import math
 
-    from megatron_sparkling.checkpoint.reader import expected_shape
+    from megatron_sparkling.checkpoint.source import expected_shape
 
     before = after = 0
     for key, spec in growth.src.model_tensors.items():
@@ -188,15 +188,15 @@ def grow_into(args, model, optimizer, scheduler, growth: PendingGrowth,
     (iteration, num_floating_point_operations_so_far) as a load does."""
     from megatron.core import parallel_state as mpu
 
-    from megatron_sparkling.checkpoint import memory
-    from megatron_sparkling.checkpoint.growing import GrownTensors
+    from megatron_sparkling.live import state as memory
+    from megatron_sparkling.checkpoint.grown import GrownTensors
     from megatron_sparkling.compat.optimizer import (
         initialize_empty_state,
         patched_fully_reshardable_load,
     )
     from megatron_sparkling.training import checkpointing
     from megatron_sparkling.training import growth as live_growth
-    from megatron_sparkling.training.model import unwrap
+    from megatron_sparkling.mcore.model import unwrap
 
     src, grower = growth.src, growth.grower
     common = src.common

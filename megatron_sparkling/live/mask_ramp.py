@@ -23,10 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.layout import Axis, Kind, Role
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core.layout import Axis, Kind, Role
 from megatron_sparkling.operators import norms
-from megatron_sparkling.plan import GrowthPlan
+from megatron_sparkling.core.plan import GrowthPlan
 
 MASKED_INPUT_AXES = (Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.HEADS)
 
@@ -45,7 +45,7 @@ class MaskRamp:
     @classmethod
     def from_record(cls, record: dict, start_iteration: int) -> "MaskRamp":
         """From a growth record (`Grower.record()` of an msg growth)."""
-        from megatron_sparkling.spec import GrowthSpec, ModelShape
+        from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 
         spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
                           record["method"], record["seed"], dict(record["options"]))
@@ -57,7 +57,7 @@ class MaskRamp:
 
     # ------------------------------------------------------------------ hooks
     def install(self, model_chunks, iteration_fn: Callable[[], int]) -> "MaskRamp":
-        from megatron_sparkling.training.model import unwrap
+        from megatron_sparkling.mcore.model import unwrap
 
         self._iteration_fn = iteration_fn
         self.m = self.value(iteration_fn())

@@ -12,15 +12,15 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling import layout as layout_lib
-from megatron_sparkling.training.checkpointing import CheckpointError
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.checkpoint.paths import CheckpointError
 
 
 def make_grower(spec, model_keys, method_instance=None, parallel=None):
     """A Grower for `spec`, refusing (CheckpointError, one line) an unknown method or option and
     any model key the layout table does not know, before a tensor is read."""
     from megatron_sparkling.methods.base import Grower
-    from megatron_sparkling.spec import GrowthSpecError
+    from megatron_sparkling.core.spec import GrowthSpecError
 
     try:
         grower = Grower(spec, method_instance, parallel)

@@ -32,9 +32,9 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling import element_lr
+from megatron_sparkling.live import element_lr
 
-from megatron_sparkling.record import RECORD_KEY, growth_record, rewarmup_settings
+from megatron_sparkling.core.record import RECORD_KEY, growth_record, rewarmup_settings
 STATE_KEY = "sparkling_rewarmup"     # re-warmup state inside opt_param_scheduler
 SCOPES = ("new", "all", "none")
 NEW_LR = "learning rate (new elements)"
@@ -180,8 +180,8 @@ def _same_growth(a: dict, b: dict) -> bool:
 
 
 def _plan_of(record: dict):
-    from megatron_sparkling.plan import GrowthPlan
-    from megatron_sparkling.spec import GrowthSpec, ModelShape
+    from megatron_sparkling.core.plan import GrowthPlan
+    from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 
     try:
         spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_sparkling.layout import Axis
+from megatron_sparkling.core.layout import Axis
 
 
 class GrowthSpecError(ValueError):

@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling.layout import Axis, Dim, Packing, TensorLayout
-from megatron_sparkling.spec import GrowthSpec, ModelShape
+from megatron_sparkling.core.layout import Axis, Dim, Packing, TensorLayout
+from megatron_sparkling.core.spec import GrowthSpec, ModelShape
 
 
 @dataclass(frozen=True)

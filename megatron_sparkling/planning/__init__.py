@@ -1,0 +1,2 @@
+"""When to grow: stage timing from loss curves, and the loss logs it reads.
+"""
