@@ -16,10 +16,20 @@ __version__ = "0.1.0"
 
 
 def install() -> str:
-    """Growth on load in the loader in use (Megatron-LM's if importable); see hook.py."""
-    from megatron_sparkling.live.load_hook import install as _install
+    """Growth on load in the loader in use: Megatron-LM's if importable, else this package's
+    own (training/checkpointing.py); returns which one was wrapped. Idempotent. See
+    live/load_hook.py."""
+    from megatron_sparkling import wandb_log
+    from megatron_sparkling.live import load_hook
 
-    return _install()
+    load_hook.on_growth(wandb_log.log_hook_growth)
+    wrapped = load_hook.install_megatron_lm()
+    if wrapped is not None:
+        return wrapped
+    from megatron_sparkling.training import checkpointing
+
+    checkpointing.load_checkpoint = load_hook.growing(checkpointing.load_checkpoint)
+    return "megatron_sparkling.training.checkpointing.load_checkpoint"
 
 
 def extra_args_provider(chained=None):

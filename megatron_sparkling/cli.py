@@ -204,28 +204,18 @@ def expand_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _option_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def expand_request(ns):
     from megatron_sparkling.checkpoint.expand import ExpandRequest
+    from megatron_sparkling.methods.base import parse_method_options
 
     names = ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size",
              "moe_shared_expert_intermediate_size", "num_attention_heads", "num_query_groups",
              "num_experts", "moe_router_topk")
     sizes = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
-    options = {}
-    for item in ns.method_option:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--method-option {item!r}: write NAME=VALUE")
-        options[name.replace("-", "_")] = _option_value(value)
+    try:
+        options = parse_method_options(ns.method_option)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     depth = None
     if any(v is not None for v in (ns.depth_method, ns.insert_at, ns.depth_placement,
                                    ns.depth_new_state)):

@@ -151,10 +151,9 @@ def log_record(args, record: dict) -> None:
 def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
     """Loss and logit change of the growth just loaded (1 rank): the narrow model is rebuilt from
     the checkpoint beside the grown one and both run on the first validation batches."""
-    from megatron_sparkling.live import state as memory
     from megatron_sparkling.diagnostics import compare, diagnostic_batches
+    from megatron_sparkling.live import state as memory
     from megatron_sparkling.mcore import model as model_lib
-    from megatron_sparkling.training.growth import reset_moe_loss_tracker
 
     narrow_args = growth.spec.source.apply_to_args(args)
     narrow = model_lib.build_model(narrow_args, wrap_with_ddp=False)
@@ -163,10 +162,39 @@ def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
     batch_list, _ = diagnostic_batches(args, batches)
     report = compare(narrow, model_lib.unwrap(model), batch_list)
     del narrow
-    reset_moe_loss_tracker()
+    memory.reset_moe_loss_tracker()
     for chunk in model:
         chunk.train()
     return diagnostics_summary(report)
+
+
+def new_element_count(growth) -> tuple[int, int]:
+    """(elements before, elements after) of a pending growth's stored model tensors."""
+    from megatron_sparkling.checkpoint.base import expected_shape
+
+    before = after = 0
+    for key, spec in growth.src.model_tensors.items():
+        shape = expected_shape(key, growth.spec.target)
+        before += math.prod(spec.shape)
+        after += math.prod(shape) if shape is not None else math.prod(spec.shape)
+    return before, after
+
+
+def log_hook_growth(args, growth, iteration: int, rewarmup, model) -> None:
+    """A growth on load (live/load_hook.py listener): the growth event and, at 1 rank, the
+    diagnostics summary, when --wandb-project is given."""
+    if not enabled(args):
+        return
+    before, after = new_element_count(growth)
+    settings = None if rewarmup is None else {
+        "iters": rewarmup.state.warmup_iters, "peak_ratio": rewarmup.state.peak_ratio,
+        "scope": rewarmup.state.scope}
+    event = growth_event(iteration, growth.grower.record(), growth.src.path, before, after,
+                         path="load hook", rewarmup=settings)
+    summary = None
+    if torch.distributed.get_world_size() == 1:
+        summary = live_diagnostics(args, growth, model)
+    log_growth(args, event, summary)
 
 
 def log_expand(ns, result) -> Optional[dict]:

@@ -72,6 +72,13 @@ def own_imports() -> list[Import]:
             for child in ast.iter_child_nodes(node):
                 parents[child] = node
 
+        def type_checking_only(node) -> bool:
+            while node in parents:
+                node = parents[node]
+                if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                    return True
+            return False
+
         def in_function(node) -> bool:
             while node in parents:
                 node = parents[node]
@@ -87,6 +94,8 @@ def own_imports() -> list[Import]:
                 # `from pkg import mod` imports the submodule when there is one
                 targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known
                            else node.module for a in node.names]
+            if targets and type_checking_only(node):
+                continue   # annotations only: never run
             for t in targets:
                 if t.split(".")[0] != PACKAGE:
                     continue

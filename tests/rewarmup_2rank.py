@@ -101,7 +101,7 @@ def grow(out_dir, argv):
                            for expert in model.decoder.layers[0].mlp.experts.local_experts]
         global_new = 0
         if rank == 0:   # every global tensor's new elements, from the record alone
-            plan, swiglu = schedule._plan_of(grower.record())
+            plan, swiglu = schedule.plan_of(grower.record())
             keys = {item.key for item in model.sharded_state_dict().values() if hasattr(item, "key")
                     and not item.key.endswith("_extra_state")}
             global_new = sum(int(m.sum()) for m in (

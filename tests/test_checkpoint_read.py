@@ -120,7 +120,8 @@ def test_common_state_metadata_and_regions(saved):
 
 def test_common_state_stored_as_a_sharded_object_is_read(saved, tmp_path):
     """Newer Megatron stores the common state as the `common_state` ShardedObject, no common.pt."""
-    from megatron_sparkling.checkpoint.source import object_bytes, open_checkpoint
+    from megatron_sparkling.checkpoint.base import object_bytes
+    from megatron_sparkling.checkpoint.source import open_checkpoint
     from megatron_sparkling.checkpoint.writer import write_torch_dist
 
     source = open_checkpoint(saved[True, "fully_reshardable"])

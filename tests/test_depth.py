@@ -11,6 +11,7 @@ from element_copy import element_copy
 from megatron_sparkling.core import layout
 from megatron_sparkling.live.state import model_global_tensors
 from megatron_sparkling.operators import depth
+from megatron_sparkling.core import plan as plan_lib
 from megatron_sparkling.core.plan import GrowthPlan
 from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, GrowthSpecError, ModelShape, validate
 from megatron_sparkling.training import data, growth
@@ -18,20 +19,20 @@ from megatron_sparkling.mcore import model as model_lib
 
 
 def test_layer_maps():
-    apollo = depth.interpolate_map(3, 12)
+    apollo = plan_lib.interpolate_map(3, 12)
     assert apollo.source.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
     assert apollo.is_new.tolist() == [False, True, True, True] * 3
-    alt = depth.alternate_map(2, 4)
+    alt = plan_lib.alternate_map(2, 4)
     assert alt.source.tolist() == [0, 0, 1, 1] and alt.is_new.tolist() == [False, True] * 2
-    assert depth.interpolate_map(3, 5).source.tolist() == [0, 0, 1, 1, 2]
-    on_top = depth.stack_map(2, 4)
+    assert plan_lib.interpolate_map(3, 5).source.tolist() == [0, 0, 1, 1, 2]
+    on_top = plan_lib.stack_map(2, 4)
     assert on_top.source.tolist() == [0, 1, 0, 1] and on_top.is_new.tolist() == [0, 0, 1, 1]
-    assert depth.stack_map(3, 4).source.tolist() == [0, 1, 2, 2]       # duplicate the top layer
-    inside = depth.stack_map(3, 4, insert_at=1)                          # layer 0 repeated at 1
+    assert plan_lib.stack_map(3, 4).source.tolist() == [0, 1, 2, 2]       # duplicate the top layer
+    inside = plan_lib.stack_map(3, 4, insert_at=1)                          # layer 0 repeated at 1
     assert inside.source.tolist() == [0, 0, 1, 2] and inside.is_new.tolist() == [0, 1, 0, 0]
-    fresh = depth.layer_map("alternate", 2, 4, fresh=True)
+    fresh = plan_lib.layer_map("alternate", 2, 4, fresh=True)
     assert fresh.source.tolist() == [0, -1, 1, -1]
-    assert depth.stack_map(0, 3).source.tolist() == [-1, -1, -1]
+    assert plan_lib.stack_map(0, 3).source.tolist() == [-1, -1, -1]
 
 
 def _shape(**kw):
@@ -80,7 +81,7 @@ def _grown_args(args, spec_source, method, layers, insert_at=None, new_state="re
     opts = DepthOptions(method, insert_at=insert_at, new_state=new_state)
     if isinstance(args.moe_layer_freq, list):
         probe = GrowthSpec(spec_source, spec_source.replace(num_layers=layers), depth=opts)
-        new.moe_layer_freq = depth.grown_moe_pattern(spec_source, depth.plan_layer_map(probe))
+        new.moe_layer_freq = plan_lib.grown_moe_pattern(spec_source, plan_lib.plan_layer_map(probe))
     return new, GrowthSpec(spec_source, ModelShape.from_args(new), depth=opts)
 
 
@@ -133,7 +134,7 @@ def test_every_depth_method_grows_a_trained_moe_model(corpus_prefix, stack_kind)
 def _check_state_grown(sources, grown, spec):
     """Old layers keep weights and Adam moments; new layers copy their twin's weights and start
     at zero moments (reset) or the twin's (copy), exactly as the layer map says."""
-    lmap = depth.plan_layer_map(spec)
+    lmap = plan_lib.plan_layer_map(spec)
     checked = 0
     for key, value in grown.items():
         skey = depth.source_key(key, lmap)
@@ -204,7 +205,7 @@ def test_width_and_depth_compose_in_one_plan(corpus_prefix, stack_kind):
             wide.moe_shared_expert_intermediate_size = 128
             opts = DepthOptions(method)
             if stack_kind == "per_layer":
-                wide.moe_layer_freq = depth.grown_moe_pattern(source, depth.plan_layer_map(
+                wide.moe_layer_freq = plan_lib.grown_moe_pattern(source, plan_lib.plan_layer_map(
                     GrowthSpec(source, source.replace(num_layers=4), depth=opts)))
             spec = GrowthSpec(source, ModelShape.from_args(wide), "copy", seed=5, depth=opts)
             validate(spec)

@@ -153,7 +153,7 @@ def test_identity_depth_growth_through_the_cli_keeps_the_logits(source, tmp_path
     growth record marks exactly those layers new (the re-warmup mask)."""
     from megatron_sparkling.checkpoint.source import open_checkpoint
     from megatron_sparkling.live.element_lr import global_new_mask
-    from megatron_sparkling.operators import depth
+    from megatron_sparkling.core import plan
     from megatron_sparkling.core.plan import GrowthPlan
     from megatron_sparkling.core.record import growth_record
     from megatron_sparkling.core.spec import GrowthSpec, ModelShape
@@ -176,7 +176,7 @@ def test_identity_depth_growth_through_the_cli_keeps_the_logits(source, tmp_path
     fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
     source_qkv = old.read_model(qkv)
     assert grown.model_tensors[qkv].shape[0] == 4
-    lmap = depth.stack_map(2, 4, insert_at=1)  # layers 0 | new 1, 0 | 1 (block cycled)
+    lmap = plan.stack_map(2, 4, insert_at=1)  # layers 0 | new 1, 0 | 1 (block cycled)
     assert lmap.source.tolist() == [0, 1, 0, 1]
     assert torch.equal(grown.read_model(qkv), source_qkv[lmap.source])
     new = lmap.is_new

@@ -120,15 +120,17 @@ def test_bad_growth_on_load_is_one_line(narrow, corpus_prefix, change, message):
 
 
 def test_install_wraps_our_loader_once():
+    import megatron_sparkling
     from megatron_sparkling.live import load_hook as hook
     from megatron_sparkling.training import checkpointing
 
     original = checkpointing.load_checkpoint
     try:
-        assert hook.install() == "megatron_sparkling.training.checkpointing.load_checkpoint"
+        assert megatron_sparkling.install() == (
+            "megatron_sparkling.training.checkpointing.load_checkpoint")
         wrapped = checkpointing.load_checkpoint
         assert wrapped is not original and getattr(wrapped, hook.GROWING)
-        assert hook.install() and checkpointing.load_checkpoint is wrapped  # idempotent
+        assert megatron_sparkling.install() and checkpointing.load_checkpoint is wrapped
     finally:
         checkpointing.load_checkpoint = original
 

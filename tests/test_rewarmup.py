@@ -18,6 +18,7 @@ from rewarmup_checks import (GBS, LR, MIN_LR, NARROW, R, REWARMUP, RUN, T_E, TOT
                              ramp_lrs)
 from megatron_sparkling.live import element_lr
 from megatron_sparkling.core import layout
+from megatron_sparkling.core.record import RECORD_KEY
 from megatron_sparkling.live import rewarmup as schedule
 from megatron_sparkling.methods.base import Grower, GrowthMethod
 from megatron_sparkling.core.spec import GrowthSpec, ModelShape
@@ -91,7 +92,7 @@ def test_masks_mark_exactly_the_new_elements_of_each_local_parameter(corpus_pref
                                              record, config())
         model = trainer.model[0].module
         params = dict(model.named_parameters())
-        masks = element_lr.model_param_masks(trainer.model, *schedule._plan_of(record))
+        masks = element_lr.model_param_masks(trainer.model, *schedule.plan_of(record))
 
         def mask(name):
             entry = masks.get(id(params[name]))
@@ -110,7 +111,7 @@ def test_masks_mark_exactly_the_new_elements_of_each_local_parameter(corpus_pref
         for e in (2, 3):  # experts that growth added are new as a whole
             assert mask(f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight").all()
         # every new element of every global tensor is masked once, and nothing else
-        plan, swiglu = schedule._plan_of(record)
+        plan, swiglu = schedule.plan_of(record)
         from megatron_sparkling.live.state import model_global_tensors
 
         expected = sum(int(m.sum()) for m in (
@@ -229,7 +230,7 @@ def inject_record(ckpt_dir, record):
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    common[schedule.RECORD_KEY] = record
+    common[RECORD_KEY] = record
     torch.save(common, os.path.join(ckpt_dir, "common.pt"))
 
 

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from conftest import megatron_run, tiny_moe_flags
 from megatron_sparkling.core import layout
 from megatron_sparkling.live.state import (
-    fill_from_global,
+    fill_live,
     gather_global,
+    global_state,
     load_model_global_tensors,
     model_global_tensors,
 )
@@ -402,38 +403,14 @@ def test_zero_and_random_disrupt_hidden_growth(narrow):
 def optimizer_global_tensors(trainer) -> tuple:
     """(global state tensors by key, the optimizer's step) of a 1-rank run's distributed
     optimizer, in the model-space layout --dist-ckpt-optim-fully-reshardable saves."""
-    from megatron_sparkling.training.checkpointing import (
-        build_state_dict,
-        sharded_state_dict_metadata,
-    )
-
-    meta = sharded_state_dict_metadata(trainer.args)
-    state = build_state_dict(trainer.args, trainer.model, trainer.optimizer, None, meta,
-                             with_rng=False)
-    steps = {g["step"] for g in state["optimizer"]["optimizer"]["param_groups"]}
-    assert len(steps) == 1
-    return gather_global(state["optimizer"])[0], steps.pop()
+    tensors, step = global_state(trainer.args, trainer.model, trainer.optimizer)
+    return {k: v for k, v in tensors.items() if layout.split_state_key(k)[0]}, step
 
 
 def load_optimizer_global_tensors(trainer, tensors: dict, step: float) -> None:
-    from megatron_sparkling.compat.optimizer import (
-        initialize_empty_state,
-        patched_fully_reshardable_load,
-    )
-    from megatron_sparkling.training.checkpointing import (
-        build_state_dict,
-        sharded_state_dict_metadata,
-    )
-
-    initialize_empty_state(trainer.optimizer)
-    meta = sharded_state_dict_metadata(trainer.args)
-    state = build_state_dict(trainer.args, trainer.model, trainer.optimizer, None, meta,
-                             with_rng=False, is_loading=True)
-    filled = fill_from_global(state["optimizer"], lambda k: tensors[k])
-    for group in filled["optimizer"]["param_groups"]:
-        group["step"] = step  # growth keeps the global step
-    with torch.no_grad(), patched_fully_reshardable_load(trainer.optimizer):
-        trainer.optimizer.load_state_dict(filled)
+    weights = model_global_tensors(trainer.model)   # the weights stay as loaded
+    fill_live(trainer.args, trainer.model, trainer.optimizer,
+              lambda key, _: tensors[key] if key in tensors else weights[key], step=step)
 
 
 @pytest.fixture(scope="module")

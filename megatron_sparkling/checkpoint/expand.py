@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core import plan as plan_lib
 from megatron_sparkling.checkpoint import optimizer_common, shadow
 from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
 from megatron_sparkling.checkpoint.dcp import TensorSpec
@@ -125,7 +126,7 @@ class Conversion:
         self.stored = GrownTensors(self.src, optimizer=self.optimizer)
         self.target_args = self._target_args()
         self.deeper = layout_lib.Axis.LAYER in self.spec.grown_axes()
-        self.layer_map = depth_lib.plan_layer_map(self.spec) if self.deeper else None
+        self.layer_map = plan_lib.plan_layer_map(self.spec) if self.deeper else None
         self.fresh = depth_lib.FreshInit.from_args(self.target_args, req.seed) if (
             self.deeper) else None
         self.grower = self._grower() if self.grown else None
@@ -146,10 +147,10 @@ class Conversion:
                 or src.moe_layer_freq == 1 or "moe_layer_freq" in self.req.sizes):
             return target
         try:
-            lmap = depth_lib.plan_layer_map(GrowthSpec(src, target, depth=depth))
+            lmap = plan_lib.plan_layer_map(GrowthSpec(src, target, depth=depth))
         except (ValueError, GrowthSpecError):
             return target  # a bad depth option: validate() names it
-        pattern = depth_lib.grown_moe_pattern(src, lmap)
+        pattern = plan_lib.grown_moe_pattern(src, lmap)
         if isinstance(target.moe_layer_freq, int) and all(
                 target.is_moe_layer(i) == bool(p) for i, p in enumerate(pattern)):
             return target
@@ -281,7 +282,7 @@ class Conversion:
         expert or layer count grew: one per grown unit, copied from its source unit."""
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        from megatron_sparkling.checkpoint.source import object_bytes
+        from megatron_sparkling.checkpoint.base import object_bytes
 
         out = {}
         if hasattr(self.grower, "grow_objects"):

@@ -25,7 +25,7 @@ import torch
 
 from megatron_sparkling.checkpoint import optimizer_state, shadow
 from megatron_sparkling.checkpoint.dcp import TensorSpec
-from megatron_sparkling.checkpoint.source import SourceCheckpoint, object_bytes
+from megatron_sparkling.checkpoint.base import SourceCheckpoint, object_bytes
 from megatron_sparkling.checkpoint.paths import CheckpointError
 
 MODEL_FILE = "model_optim_rng.pt"

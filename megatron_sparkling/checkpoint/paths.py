@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -36,3 +37,16 @@ def read_tracker(root: str) -> tuple[int, bool]:
     except ValueError:
         raise CheckpointError(f"{path} holds {text!r}, not an iteration number; "
                               "rewrite it with the iteration of the checkpoint to load") from None
+
+
+def checkpoint_to_load(root: Optional[str], iteration: Optional[int] = None) -> tuple[int, bool]:
+    """(iteration, release) a load of `root` reads (Megatron-LM's --load and --ckpt-step):
+    `iteration` when given, else the tracker's; (-1, False) when there is none."""
+    found, release = read_tracker(root) if root else (-1, False)
+    return (found, release) if iteration is None else (iteration, release)
+
+
+def checkpoint_dir_to_load(root: Optional[str], iteration: Optional[int] = None) -> Optional[str]:
+    """The iter_N/ (or release/) directory a load of `root` reads; None if there is none."""
+    found, release = checkpoint_to_load(root, iteration)
+    return iteration_dir(root, found, release) if found >= 0 else None

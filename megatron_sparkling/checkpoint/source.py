@@ -16,17 +16,16 @@ Anything else is refused with a one-line message saying how to re-save it.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 from typing import Optional
 
 import torch
 
-from megatron_sparkling.core import layout as layout_lib
-from megatron_sparkling.checkpoint.dcp import DcpCheckpoint, TensorSpec
+from megatron_sparkling.checkpoint.base import SourceCheckpoint
+from megatron_sparkling.checkpoint.dcp import DcpCheckpoint
 from megatron_sparkling.checkpoint import optimizer_state
-from megatron_sparkling.core.spec import ModelShape
+from megatron_sparkling.checkpoint.legacy import LegacyCheckpoint
 from megatron_sparkling.checkpoint.paths import (
     TRACKER,
     CheckpointError,
@@ -84,8 +83,6 @@ def open_checkpoint(root: str, iteration: Optional[int] = None, verify: bool = T
             raise CheckpointError(f"{path} is a {backend} checkpoint, not torch_dist; {CONVERT_HINT}")
         return TorchDistCheckpoint(path, it, release, verify=verify)
     if glob.glob(os.path.join(path, "mp_rank_*")):
-        from megatron_sparkling.checkpoint.legacy import LegacyCheckpoint
-
         return LegacyCheckpoint(path, it, release, verify=verify)
     if os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{path} is a plain torch_dcp/fsdp_dtensor checkpoint (no "
@@ -93,78 +90,6 @@ def open_checkpoint(root: str, iteration: Optional[int] = None, verify: bool = T
     raise CheckpointError(f"{path} is neither a torch_dist checkpoint (metadata.json) nor "
                           "Megatron-LM's legacy torch format (mp_rank_*/model_optim_rng.pt); "
                           "point --load at a Megatron checkpoint root")
-
-
-class SourceCheckpoint:
-    """What every checkpoint reader offers (see the module docstring)."""
-
-    format = ""
-
-    def __init__(self, path: str, iteration: int, release: bool):
-        self.path = path
-        self.iteration = iteration
-        self.release = release
-        self.common: dict = {}
-        self.model_tensors: dict[str, TensorSpec] = {}
-        self.objects: list[str] = []
-        self.optimizer: Optional[optimizer_state.OptimizerState] = None
-
-    @property
-    def args(self):
-        args = self.common.get("args")
-        if args is None:
-            raise CheckpointError(f"{self.path} stores no args; growth needs the model's sizes: "
-                                  "re-save it with Megatron-LM (which stores args)")
-        return args
-
-    @property
-    def content_metadata(self) -> dict:
-        return dict(self.common.get("content_metadata") or {})
-
-    def read_model(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """One global model tensor, or its slice of one layer (a stacked key's leading axis)."""
-        raise NotImplementedError
-
-    def read_object_bytes(self, unique_key: str) -> bytes:
-        raise NotImplementedError
-
-    def files(self) -> list[str]:
-        """Every file of the checkpoint (the converter hashes them to prove it wrote none)."""
-        out = []
-        for dirpath, _, names in os.walk(self.path):
-            out += [os.path.join(dirpath, n) for n in names]
-        return sorted(out)
-
-    def check_args_match_tensors(self) -> None:
-        """The stored args describe the stored tensors (refuse a mismatch before any work)."""
-        shape = ModelShape.from_args(self.args)
-        for key, spec in self.model_tensors.items():
-            expected = expected_shape(key, shape)
-            if expected is not None and expected != spec.shape:
-                raise CheckpointError(
-                    f"{key} is stored with shape {spec.shape} but the stored args "
-                    f"(hidden_size={shape.hidden_size}, num_attention_heads="
-                    f"{shape.num_attention_heads}, num_query_groups={shape.num_query_groups}, "
-                    f"moe_ffn_hidden_size={shape.moe_ffn_hidden_size}, num_experts="
-                    f"{shape.num_experts}) give {expected}; the checkpoint's args do not "
-                    "describe its tensors: fix `args` in the checkpoint")
-
-
-def expected_shape(key: str, shape: ModelShape) -> Optional[tuple]:
-    """A model key's global shape under `shape` (layout table); None for keys it does not know."""
-    if layout_lib.is_extra_state(key):
-        return None
-    try:
-        lay = layout_lib.resolve(key, shape.swiglu)
-    except layout_lib.UnknownTensorError:
-        return None
-    sizes = []
-    for dim in lay.dims:
-        size = shape.axis_size(dim.axis)
-        if size is None:
-            return None
-        sizes.append(2 * size if dim.packing is layout_lib.Packing.GLU else size)
-    return tuple(sizes)
 
 
 class TorchDistCheckpoint(SourceCheckpoint):
@@ -241,10 +166,3 @@ class TorchDistCheckpoint(SourceCheckpoint):
 
 def _is_optimizer_key(key: str) -> bool:
     return bool(optimizer_state._MODEL_SPACE.match(key) or optimizer_state._BUCKET.match(key))
-
-
-def object_bytes(data) -> bytes:
-    """A ShardedObject's data serialized the way megatron-core stores it in torch_dist."""
-    buf = io.BytesIO()
-    torch.save([data], buf)
-    return buf.getvalue()

@@ -15,12 +15,14 @@ new, who is whose twin), derives from these maps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megatron_sparkling.core.layout import Axis, Dim, Packing, TensorLayout
-from megatron_sparkling.core.spec import GrowthSpec, ModelShape
+
+if TYPE_CHECKING:  # annotations only: spec.py builds on this module
+    from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,6 @@ class GrowthPlan:
         """The default plan: every grown width axis appends units that copy balanced random
         twins (fresh, -1, for axes listed in `fresh_axes`); the layer axis follows the spec's
         depth options (operators/depth.py: stack on top by default)."""
-        from megatron_sparkling.operators import depth
-
         g = generator or torch.Generator().manual_seed(spec.seed)
         src, tgt = spec.source, spec.target
         units = {}
@@ -114,7 +114,7 @@ class GrowthPlan:
             if a is None or b is None or a == b:
                 units[axis] = UnitMap.identity(a or 0)
             elif axis is Axis.LAYER:
-                units[axis] = depth.plan_layer_map(spec, fresh=axis in fresh_axes)
+                units[axis] = plan_layer_map(spec, fresh=axis in fresh_axes)
             else:
                 twins = None if axis in fresh_axes else balanced_twins(a, b - a, g)
                 units[axis] = UnitMap.append(a, b, twins)
@@ -219,3 +219,87 @@ def _expand(u: UnitMap, width: int) -> UnitMap:
                          (u.source.clamp(min=0) * width).repeat_interleave(width) + offs.repeat(u.new),
                          torch.full((u.new * width,), -1))
     return UnitMap(u.old * width, u.new * width, source, u.is_new.repeat_interleave(width))
+
+
+# ---------------------------------------------------------------------------- layer maps
+# Depth growth's layer maps (see operators/depth.py for what new layers hold).
+DEPTH_PLACEMENTS = ("stack", "alternate", "interpolate")
+
+def _map_from_sources(source: list, old: int) -> UnitMap:
+    """Old = the first target layer taking each source layer; fresh (-1) layers are new."""
+    seen, is_new = set(), []
+    for s in source:
+        is_new.append(s < 0 or s in seen)
+        if s >= 0:
+            seen.add(s)
+    return UnitMap(old, len(source), torch.tensor(source, dtype=torch.long),
+                   torch.tensor(is_new, dtype=torch.bool))
+
+
+def stack_map(old: int, new: int, insert_at: Optional[int] = None) -> UnitMap:
+    """Repeat the k = new - old layers just below `insert_at` (default: on top) at `insert_at`."""
+    p = old if insert_at is None else insert_at
+    k = new - old
+    block = [(p - k + j) % old for j in range(k)] if old else [-1] * k
+    source = list(range(p)) + block + list(range(p, old))
+    is_new = [False] * p + [True] * k + [False] * (old - p)
+    return UnitMap(old, new, torch.tensor(source, dtype=torch.long),
+                   torch.tensor(is_new, dtype=torch.bool))
+
+
+def alternate_map(old: int, new: int) -> UnitMap:
+    """Layer i -> f*i .. f*i + f-1 (f = new / old, an integer)."""
+    f = new // old
+    return _map_from_sources([i // f for i in range(new)], old)
+
+
+def interpolate_map(old: int, new: int) -> UnitMap:
+    """Apollo: target layer i takes source layer int(i / (new / old)) (exact integer floor)."""
+    return _map_from_sources([i * old // new for i in range(new)], old)
+
+
+def layer_map(placement: str, old: int, new: int, insert_at: Optional[int] = None,
+              fresh: bool = False) -> UnitMap:
+    """The layer UnitMap of a placement; `fresh` makes every new layer fresh (source -1)."""
+    if old == 0:
+        return stack_map(0, new)     # nothing to place around: every layer is fresh
+    if placement == "stack":
+        m = stack_map(old, new, insert_at)
+    elif placement == "alternate":
+        m = alternate_map(old, new)
+    elif placement == "interpolate":
+        m = interpolate_map(old, new)
+    else:
+        raise ValueError(f"unknown layer placement {placement!r}; one of {DEPTH_PLACEMENTS}")
+    if fresh:
+        m = UnitMap(m.old, m.new, torch.where(m.is_new, torch.full_like(m.source, -1), m.source),
+                    m.is_new)
+    return m
+
+
+def placement_of(options: DepthOptions) -> str:
+    if options.method in DEPTH_PLACEMENTS:
+        return options.method
+    return options.placement or "stack"
+
+
+def plan_layer_map(spec: GrowthSpec, fresh: bool = False) -> UnitMap:
+    """The layer map of a growth spec (what `GrowthPlan.twins` puts on Axis.LAYER)."""
+    opts = spec.depth
+    old, new = spec.source.num_layers, spec.target.num_layers
+    if old == new:
+        return UnitMap.identity(old)
+    return layer_map(placement_of(opts), old, new, opts.insert_at,
+                     fresh=fresh or opts.method == "random" or old == 0)
+
+
+def grown_moe_pattern(source: ModelShape, lmap: UnitMap) -> list:
+    """The --moe-layer-freq list the grown model needs so every copy keeps its twin's type
+    (fresh layers take the type of the layer below them, or MoE at the bottom)."""
+    out = []
+    for i, s in enumerate(lmap.source.tolist()):
+        if s >= 0:
+            out.append(int(source.is_moe_layer(s)))
+        else:
+            out.append(out[-1] if out else int(bool(source.num_experts)))
+    return out

@@ -5,11 +5,14 @@ The converter (`megatron-sparkling expand`) writes
                            "converted_at": ..., "growth": Grower.record(),
                            "rewarmup": {"iters": W, "peak_ratio": R, "start_iteration": t_e}}
 ("growth" and "rewarmup" only when something grew). Older writers and in-memory callers may
-store Grower.record() itself; both are read here.
+store Grower.record() itself; both are read here. `plan_of` turns a record back into its plan.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+from megatron_sparkling.core.plan import GrowthPlan
+from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
 
 RECORD_KEY = "sparkling"
 
@@ -29,3 +32,20 @@ def rewarmup_settings(common: dict) -> dict:
     entry = (common or {}).get(RECORD_KEY) or {}
     settings = entry.get("rewarmup") or {}
     return {k: v for k, v in settings.items() if k in ("iters", "peak_ratio") and v is not None}
+
+
+class RecordError(ValueError):
+    """A growth record that is not a Grower.record()."""
+
+
+def plan_of(record: dict) -> GrowthPlan:
+    """The GrowthPlan (and through `.spec` the GrowthSpec, depth included) of a growth record."""
+    try:
+        spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
+                          record.get("method", "sparkling"), record.get("seed", 0),
+                          dict(record.get("options", {})), DepthOptions(**record.get("depth", {})))
+        return GrowthPlan.from_state_dict(spec, record["plan"])
+    except (KeyError, TypeError) as e:
+        raise RecordError(f"malformed growth record ({e!r}): expected Grower.record()'s keys "
+                          "method, seed, options, source, target, depth, plan; re-run the "
+                          "conversion with this megatron_sparkling") from None

@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_sparkling.core.layout import Axis
+from megatron_sparkling.core.plan import (
+    DEPTH_PLACEMENTS,
+    grown_moe_pattern,
+    placement_of,
+    plan_layer_map,
+)
 
 
 class GrowthSpecError(ValueError):
@@ -139,7 +145,6 @@ class ParallelLayout:
 
 
 DEPTH_METHODS = ("stack", "alternate", "interpolate", "identity", "random")
-DEPTH_PLACEMENTS = ("stack", "alternate", "interpolate")
 NEW_LAYER_STATES = ("reset", "copy")
 
 
@@ -200,9 +205,7 @@ def validate(spec: GrowthSpec, parallel: Optional[ParallelLayout] = None) -> Non
         raise GrowthSpecError(f"number of layers (--num-layers): target {tgt.num_layers} is smaller than the "
                               f"source's {src.num_layers}; choose {src.num_layers} or more")
     if tgt.num_layers != src.num_layers:
-        from megatron_sparkling.operators import depth
-
-        depth.validate(spec)
+        _validate_depth(spec)
     if tgt.kv_channels != src.kv_channels:
         raise GrowthSpecError(f"head dim (--kv-channels): must stay {src.kv_channels} "
                               f"(growth keeps head dim; got {tgt.kv_channels})")
@@ -245,3 +248,45 @@ def _validate_parallel(tgt: ModelShape, p: ParallelLayout) -> None:
         if size is not None and parts > 1 and size % parts:
             raise GrowthSpecError(f"{label}: {size} is not divisible by the {what} {parts}; "
                                   f"choose a multiple of {parts} ({_multiples(parts, size)})")
+
+
+def _validate_depth(spec: GrowthSpec) -> None:
+    """Refuse a depth growth that cannot be, with one line naming the option and the fix."""
+    opts, src, tgt = spec.depth, spec.source, spec.target
+    old, new = src.num_layers, tgt.num_layers
+    if opts.method not in DEPTH_METHODS:
+        raise GrowthSpecError(f"depth method {opts.method!r} is unknown; choose one of "
+                              f"{', '.join(DEPTH_METHODS)}")
+    if opts.placement is not None and opts.placement not in DEPTH_PLACEMENTS:
+        raise GrowthSpecError(f"depth placement {opts.placement!r} is unknown; choose one of "
+                              f"{', '.join(DEPTH_PLACEMENTS)}")
+    if opts.new_state not in NEW_LAYER_STATES:
+        raise GrowthSpecError(f"new-layer optimizer state {opts.new_state!r} is unknown; choose "
+                              f"one of {', '.join(NEW_LAYER_STATES)}")
+    placement = placement_of(opts)
+    if old == 0 and opts.method != "random":
+        raise GrowthSpecError("depth growth from 0 layers: there is no layer to copy; use depth "
+                              "method random")
+    if opts.insert_at is not None and placement != "stack":
+        raise GrowthSpecError(f"--insert-at only applies to the stack placement, not {placement}; "
+                              "drop it or use depth method stack")
+    if opts.insert_at is not None and not 0 <= opts.insert_at <= old:
+        raise GrowthSpecError(f"--insert-at {opts.insert_at} is outside the source's layers; "
+                              f"choose 0 .. {old}")
+    if placement == "alternate" and old and new % old:
+        raise GrowthSpecError(f"depth method alternate needs a whole growth factor: {old} -> "
+                              f"{new} layers is not; choose {_whole_multiples(old, new)} layers "
+                              "or use interpolate")
+    lmap = plan_layer_map(spec)
+    for i, s in enumerate(lmap.source.tolist()):
+        if s >= 0 and src.is_moe_layer(s) != tgt.is_moe_layer(i):
+            kinds = ("dense", "MoE")
+            raise GrowthSpecError(
+                f"layer {i} of the grown model is {kinds[tgt.is_moe_layer(i)]} (--moe-layer-freq) "
+                f"but copies {kinds[src.is_moe_layer(s)]} layer {s}; give the target "
+                f"--moe-layer-freq \"{grown_moe_pattern(src, lmap)}\"")
+
+
+def _whole_multiples(old: int, new: int) -> str:
+    first = -(-new // old) * old
+    return ", ".join(str(first + i * old) for i in range(3))

@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling.core.record import RECORD_KEY, growth_record  # noqa: E402
+from megatron_sparkling.checkpoint import paths
+from megatron_sparkling.core.record import RECORD_KEY, RecordError, growth_record, plan_of
 
 
 class VerifyError(ValueError):
@@ -34,18 +35,17 @@ class VerifyError(ValueError):
 def checkpoint_dir(root: str, iteration: Optional[int] = None) -> tuple[str, int]:
     """(iter_XXXXXXX directory, iteration) of a checkpoint root: `iteration`, or the tracker's."""
     from megatron.core import dist_checkpointing
-    from megatron_sparkling.training import checkpointing
 
     if not os.path.isdir(root):
         raise VerifyError(f"{root}: no such directory; give a checkpoint root (the --save "
                           "directory of a pre-training run)")
     release = False
     if iteration is None:
-        iteration, release = checkpointing.read_tracker(root)
+        iteration, release = paths.read_tracker(root)
         if iteration < 0:
-            raise VerifyError(f"{root}: no {checkpointing.TRACKER}; give a checkpoint root "
+            raise VerifyError(f"{root}: no {paths.TRACKER}; give a checkpoint root "
                               "written by pre-training, or pick one with --iteration")
-    path = checkpointing.iteration_dir(root, iteration, release)
+    path = paths.iteration_dir(root, iteration, release)
     if not dist_checkpointing.check_is_distributed_checkpoint(path):
         raise VerifyError(f"{path}: not a torch_dist checkpoint (no metadata.json); check "
                           "the root and --iteration")
@@ -168,17 +168,10 @@ def diagnostic_batches(args, count: int) -> tuple[list, str]:
 
 def plan_from_record(record: dict):
     """The GrowthPlan of a growth record (Grower.record())."""
-    from megatron_sparkling.core.plan import GrowthPlan
-    from megatron_sparkling.core.spec import GrowthSpec, ModelShape
-
     try:
-        spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
-                          record.get("method", "unknown"), record.get("seed", 0),
-                          dict(record.get("options", {})))
-        return GrowthPlan.from_state_dict(spec, record["plan"])
-    except (KeyError, TypeError) as e:
-        raise VerifyError(f"the growth record under {RECORD_KEY!r} is not a Grower.record() "
-                          f"({e!r}); re-run the conversion with this megatron_sparkling") from None
+        return plan_of(record)
+    except RecordError as e:
+        raise VerifyError(f"the growth record under {RECORD_KEY!r}: {e}") from None
 
 
 def _check_plan_fits(plan, before_args, after_args) -> None:

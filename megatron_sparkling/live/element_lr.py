@@ -24,6 +24,8 @@ import torch
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis
 from megatron_sparkling.core.plan import GrowthPlan
+from megatron_sparkling.live.state import fill_from_global
+from megatron_sparkling.mcore.model import unwrap
 
 
 class ElementMaskError(ValueError):
@@ -67,8 +69,6 @@ def _blank(item):
 def model_param_masks(model_chunks, plan: GrowthPlan, swiglu: bool) -> dict:
     """{id(param): (param, local bool mask)} for every local parameter with new elements."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron_sparkling.live.state import fill_from_global
-    from megatron_sparkling.mcore.model import unwrap
 
     out = {}
     for chunk in unwrap(model_chunks):
@@ -81,7 +81,7 @@ def model_param_masks(model_chunks, plan: GrowthPlan, swiglu: bool) -> dict:
         order = sorted(masked, key=lambda n: masked[n].key)
         news = {}
 
-        def global_mask(key):
+        def global_mask(key, _shape):
             if key not in news:
                 news.clear()
                 news[key] = global_new_mask(plan, key, swiglu)

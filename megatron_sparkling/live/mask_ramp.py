@@ -27,6 +27,7 @@ from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis, Kind, Role
 from megatron_sparkling.operators import norms
 from megatron_sparkling.core.plan import GrowthPlan
+from megatron_sparkling.core.record import plan_of
 
 MASKED_INPUT_AXES = (Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.HEADS)
 
@@ -45,12 +46,7 @@ class MaskRamp:
     @classmethod
     def from_record(cls, record: dict, start_iteration: int) -> "MaskRamp":
         """From a growth record (`Grower.record()` of an msg growth)."""
-        from megatron_sparkling.core.spec import GrowthSpec, ModelShape
-
-        spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
-                          record["method"], record["seed"], dict(record["options"]))
-        plan = GrowthPlan.from_state_dict(spec, record["plan"])
-        return cls(plan, start_iteration, int(record["options"].get("ramp_steps", 100)))
+        return cls(plan_of(record), start_iteration, int(record["options"].get("ramp_steps", 100)))
 
     def value(self, iteration: int) -> float:
         return float(min(1.0, max(0.0, (iteration - self.start_iteration) / self.ramp_steps)))

@@ -30,11 +30,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
+from megatron_sparkling.checkpoint.paths import checkpoint_dir_to_load
+from megatron_sparkling.core import record as record_lib
+from megatron_sparkling.core.record import growth_record, rewarmup_settings
 from megatron_sparkling.live import element_lr
+from megatron_sparkling.log import print_rank_0
 
-from megatron_sparkling.core.record import RECORD_KEY, growth_record, rewarmup_settings
 STATE_KEY = "sparkling_rewarmup"     # re-warmup state inside opt_param_scheduler
 SCOPES = ("new", "all", "none")
 NEW_LR = "learning rate (new elements)"
@@ -179,18 +181,13 @@ def _same_growth(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in ("method", "seed", "source", "target"))
 
 
-def _plan_of(record: dict):
-    from megatron_sparkling.core.plan import GrowthPlan
-    from megatron_sparkling.core.spec import GrowthSpec, ModelShape
-
+def plan_of(record: dict):
+    """(GrowthPlan, swiglu) of a growth record, as the element masks need them."""
     try:
-        spec = GrowthSpec(ModelShape(**record["source"]), ModelShape(**record["target"]),
-                          record.get("method", "sparkling"), record.get("seed", 0),
-                          dict(record.get("options", {})))
-        return GrowthPlan.from_state_dict(spec, record["plan"]), spec.source.swiglu
-    except (KeyError, TypeError) as e:
-        raise RewarmupError(f"malformed growth record ({e!r}): expected Grower.record()'s keys "
-                            "method, seed, options, source, target, plan") from None
+        plan = record_lib.plan_of(record)
+    except record_lib.RecordError as e:
+        raise RewarmupError(str(e)) from None
+    return plan, plan.spec.source.swiglu
 
 
 class Rewarmup:
@@ -280,12 +277,6 @@ def __getattr__(name):  # `schedule.RewarmupScheduler`, resolved lazily (PEP 562
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _print_rank_0(message: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(message, flush=True)
-
-
-# ---------------------------------------------------------------------------- install
 def _activate(model, optimizer, scheduler, state: RewarmupState) -> Rewarmup:
     base_cls = _optimizer_param_scheduler_class()
     if not isinstance(scheduler, base_cls):
@@ -303,7 +294,7 @@ def _activate(model, optimizer, scheduler, state: RewarmupState) -> Rewarmup:
                 "(no --finetune / --no-load-optim), or pass --sparkling-rewarmup-scope none")
     rewarmup = Rewarmup(state, scheduler)
     if state.scope == "new":
-        plan, swiglu = _plan_of(state.record)
+        plan, swiglu = plan_of(state.record)
         opt_masks = element_lr.optimizer_masks(
             optimizer, element_lr.model_param_masks(model, plan, swiglu))
         rewarmup.new_elements, rewarmup.elements = element_lr.count_masked(opt_masks)
@@ -354,7 +345,7 @@ def _announce(rewarmup: Rewarmup, what: str) -> None:
     eta_e = rewarmup.schedule.lr_at_growth(group) if group is not None else float("nan")
     scope = ("all parameters" if s.scope == "all" else
              f"{rewarmup.new_elements} new of {rewarmup.elements} elements on rank 0")
-    _print_rank_0(f"> SPARKLING re-warmup ({what} {where}): {scope}; LR {eta_e:.4E} -> "
+    print_rank_0(f"> SPARKLING re-warmup ({what} {where}): {scope}; LR {eta_e:.4E} -> "
                   f"{s.peak_ratio * eta_e:.4E} over {s.warmup_iters} iterations, then "
                   f"{s.base['lr_decay_style']} decay to {s.base['min_lr']:.4E}")
 
@@ -368,9 +359,8 @@ def rewarmup_after_load(model, optimizer, scheduler, args) -> Optional[Rewarmup]
     if not getattr(args, "load", None) or optimizer is None:
         return None
     from megatron.core import dist_checkpointing
-    from megatron_sparkling.training import checkpointing
 
-    ckpt_dir = checkpointing.checkpoint_dir_to_load(args)
+    ckpt_dir = checkpoint_dir_to_load(args.load, getattr(args, "ckpt_step", None))
     if ckpt_dir is None:
         return None
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
@@ -382,7 +372,7 @@ def rewarmup_after_load(model, optimizer, scheduler, args) -> Optional[Rewarmup]
     config = RewarmupConfig.from_args(args, rewarmup_settings(common))
     if config.scope == "none":
         if saved is not None or record is not None:
-            _print_rank_0("> SPARKLING re-warmup off (--sparkling-rewarmup-scope none)")
+            print_rank_0("> SPARKLING re-warmup off (--sparkling-rewarmup-scope none)")
         return None
     if saved is not None and (record is None or _same_growth(saved["record"], record)):
         return restore_rewarmup(model, optimizer, scheduler, saved)

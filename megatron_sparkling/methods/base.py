@@ -69,6 +69,27 @@ def get_method(name: str, **options) -> GrowthMethod:
     return cls(**options)
 
 
+def parse_method_options(items, flag: str = "--method-option") -> dict:
+    """{name: value} of NAME=VALUE items (numbers and true/false cast); ValueError naming
+    `flag` for an item without '='."""
+    options = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{flag} {item!r}: write NAME=VALUE")
+        options[name.replace("-", "_")] = _option_value(value)
+    return options
+
+
+def _option_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 class Grower:
     """One growth: a method, its plan, and the tensor-by-tensor transform."""
 

@@ -36,139 +36,8 @@ import torch
 
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis, Kind, Role
-from megatron_sparkling.core.plan import UnitMap
-from megatron_sparkling.core.spec import (
-    DEPTH_METHODS,
-    DEPTH_PLACEMENTS,
-    NEW_LAYER_STATES,
-    DepthOptions,
-    GrowthSpec,
-    GrowthSpecError,
-    ModelShape,
-)
-
-
-# ---------------------------------------------------------------------------- layer maps
-def _map_from_sources(source: list, old: int) -> UnitMap:
-    """Old = the first target layer taking each source layer; fresh (-1) layers are new."""
-    seen, is_new = set(), []
-    for s in source:
-        is_new.append(s < 0 or s in seen)
-        if s >= 0:
-            seen.add(s)
-    return UnitMap(old, len(source), torch.tensor(source, dtype=torch.long),
-                   torch.tensor(is_new, dtype=torch.bool))
-
-
-def stack_map(old: int, new: int, insert_at: Optional[int] = None) -> UnitMap:
-    """Repeat the k = new - old layers just below `insert_at` (default: on top) at `insert_at`."""
-    p = old if insert_at is None else insert_at
-    k = new - old
-    block = [(p - k + j) % old for j in range(k)] if old else [-1] * k
-    source = list(range(p)) + block + list(range(p, old))
-    is_new = [False] * p + [True] * k + [False] * (old - p)
-    return UnitMap(old, new, torch.tensor(source, dtype=torch.long),
-                   torch.tensor(is_new, dtype=torch.bool))
-
-
-def alternate_map(old: int, new: int) -> UnitMap:
-    """Layer i -> f*i .. f*i + f-1 (f = new / old, an integer)."""
-    f = new // old
-    return _map_from_sources([i // f for i in range(new)], old)
-
-
-def interpolate_map(old: int, new: int) -> UnitMap:
-    """Apollo: target layer i takes source layer int(i / (new / old)) (exact integer floor)."""
-    return _map_from_sources([i * old // new for i in range(new)], old)
-
-
-def layer_map(placement: str, old: int, new: int, insert_at: Optional[int] = None,
-              fresh: bool = False) -> UnitMap:
-    """The layer UnitMap of a placement; `fresh` makes every new layer fresh (source -1)."""
-    if old == 0:
-        return stack_map(0, new)     # nothing to place around: every layer is fresh
-    if placement == "stack":
-        m = stack_map(old, new, insert_at)
-    elif placement == "alternate":
-        m = alternate_map(old, new)
-    elif placement == "interpolate":
-        m = interpolate_map(old, new)
-    else:
-        raise ValueError(f"unknown layer placement {placement!r}; one of {DEPTH_PLACEMENTS}")
-    if fresh:
-        m = UnitMap(m.old, m.new, torch.where(m.is_new, torch.full_like(m.source, -1), m.source),
-                    m.is_new)
-    return m
-
-
-def placement_of(options: DepthOptions) -> str:
-    if options.method in DEPTH_PLACEMENTS:
-        return options.method
-    return options.placement or "stack"
-
-
-def plan_layer_map(spec: GrowthSpec, fresh: bool = False) -> UnitMap:
-    """The layer map of a growth spec (what `GrowthPlan.twins` puts on Axis.LAYER)."""
-    opts = spec.depth
-    old, new = spec.source.num_layers, spec.target.num_layers
-    if old == new:
-        return UnitMap.identity(old)
-    return layer_map(placement_of(opts), old, new, opts.insert_at,
-                     fresh=fresh or opts.method == "random" or old == 0)
-
-
-def grown_moe_pattern(source: ModelShape, lmap: UnitMap) -> list:
-    """The --moe-layer-freq list the grown model needs so every copy keeps its twin's type
-    (fresh layers take the type of the layer below them, or MoE at the bottom)."""
-    out = []
-    for i, s in enumerate(lmap.source.tolist()):
-        if s >= 0:
-            out.append(int(source.is_moe_layer(s)))
-        else:
-            out.append(out[-1] if out else int(bool(source.num_experts)))
-    return out
-
-
-def validate(spec: GrowthSpec) -> None:
-    """Refuse a depth growth that cannot be, with one line naming the option and the fix."""
-    opts, src, tgt = spec.depth, spec.source, spec.target
-    old, new = src.num_layers, tgt.num_layers
-    if opts.method not in DEPTH_METHODS:
-        raise GrowthSpecError(f"depth method {opts.method!r} is unknown; choose one of "
-                              f"{', '.join(DEPTH_METHODS)}")
-    if opts.placement is not None and opts.placement not in DEPTH_PLACEMENTS:
-        raise GrowthSpecError(f"depth placement {opts.placement!r} is unknown; choose one of "
-                              f"{', '.join(DEPTH_PLACEMENTS)}")
-    if opts.new_state not in NEW_LAYER_STATES:
-        raise GrowthSpecError(f"new-layer optimizer state {opts.new_state!r} is unknown; choose "
-                              f"one of {', '.join(NEW_LAYER_STATES)}")
-    placement = placement_of(opts)
-    if old == 0 and opts.method != "random":
-        raise GrowthSpecError("depth growth from 0 layers: there is no layer to copy; use depth "
-                              "method random")
-    if opts.insert_at is not None and placement != "stack":
-        raise GrowthSpecError(f"--insert-at only applies to the stack placement, not {placement}; "
-                              "drop it or use depth method stack")
-    if opts.insert_at is not None and not 0 <= opts.insert_at <= old:
-        raise GrowthSpecError(f"--insert-at {opts.insert_at} is outside the source's layers; "
-                              f"choose 0 .. {old}")
-    if placement == "alternate" and old and new % old:
-        raise GrowthSpecError(f"depth method alternate needs a whole growth factor: {old} -> "
-                              f"{new} layers is not; choose {_whole_multiples(old, new)} layers "
-                              "or use interpolate")
-    lmap = plan_layer_map(spec)
-    for i, s in enumerate(lmap.source.tolist()):
-        if s >= 0 and src.is_moe_layer(s) != tgt.is_moe_layer(i):
-            kinds = ("dense", "MoE")
-            raise GrowthSpecError(
-                f"layer {i} of the grown model is {kinds[tgt.is_moe_layer(i)]} (--moe-layer-freq) "
-                f"but copies {kinds[src.is_moe_layer(s)]} layer {s}; give the target "
-                f"--moe-layer-freq \"{grown_moe_pattern(src, lmap)}\"")
-
-
-def _whole_multiples(old: int, new: int) -> str:
-    first = -(-new // old) * old
-    return ", ".join(str(first + i * old) for i in range(3))
+from megatron_sparkling.core.plan import UnitMap, plan_layer_map
+from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, GrowthSpecError, ModelShape, validate
 
 
 # ---------------------------------------------------------------------------- new layers
@@ -343,9 +212,7 @@ class LayerGrowth:
 
     @classmethod
     def from_spec(cls, spec: GrowthSpec, fresh: FreshInit) -> "LayerGrowth":
-        from megatron_sparkling.core.spec import validate as validate_spec
-
-        validate_spec(spec)
+        validate(spec)
         if spec.grown_axes() != [Axis.LAYER]:
             raise GrowthSpecError("a depth-only growth keeps every width; grow "
                                   f"{[a.value for a in spec.grown_axes() if a is not Axis.LAYER]} "

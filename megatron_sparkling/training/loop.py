@@ -17,9 +17,13 @@ from functools import partial
 
 import torch
 
+from megatron_sparkling import wandb_log
+from megatron_sparkling.live import load_hook
 from megatron_sparkling.live import rewarmup as schedule
-from megatron_sparkling.training import checkpointing, data, flops
+from megatron_sparkling.live.state import carry_position
+from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.mcore import model as model_lib
+from megatron_sparkling.training import checkpointing, data, flops, growth
 from megatron_sparkling.training.initialize import initialize, shutdown
 
 
@@ -75,11 +79,6 @@ def print_rank_last(message: str) -> None:
         print(message, flush=True)
 
 
-def print_rank_0(message: str) -> None:
-    if torch.distributed.get_rank() == 0:
-        print(message, flush=True)
-
-
 class Pretrainer:
     """One pre-training run. Build with `Pretrainer.from_argv([...])` or from parsed args.
 
@@ -107,16 +106,15 @@ class Pretrainer:
         self.history: list[dict] = []
         self.flops_per_iteration = flops.training_flops_per_iteration(args)
         if args.load:
-            # With growth on load: a narrower checkpoint grows to this run's sizes in memory
-            # (hook.py); the loader itself is looked up at call time so a plugin can take over.
-            from megatron_sparkling.live import load_hook as hook
-
+            # With growth on load: a narrower checkpoint grows to this run's sizes in memory, and
+            # a grown checkpoint (or one saved inside a re-warmup) re-warms new elements' LR
+            # (live/load_hook.py). The loader is looked up now: install() may have wrapped it.
+            load_hook.on_growth(wandb_log.log_hook_growth)
+            load = load_hook.growing(checkpointing.load_checkpoint)
             self.iteration, self.num_floating_point_operations_so_far = (
-                hook.load_checkpoint(args, self.model, self.optimizer, self.scheduler))
+                load(args, self.model, self.optimizer, self.scheduler))
             if args.finetune:
                 args.consumed_train_samples = 0
-            # A grown checkpoint (or one saved during a re-warmup) re-warms new elements' LR.
-            schedule.rewarmup_after_load(self.model, self.optimizer, self.scheduler, args)
         args.iteration = self.iteration
         self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(args, self.tokenizer)
         self._train_iter = None
@@ -132,10 +130,7 @@ class Pretrainer:
 
     @classmethod
     def from_argv(cls, argv=None, extra_args_provider=None):
-        from megatron_sparkling import wandb_log
-        from megatron_sparkling.live import load_hook as hook
-
-        args = initialize(argv, _chain_providers(_add_run_flags, hook.add_args,
+        args = initialize(argv, _chain_providers(_add_run_flags, load_hook.add_args,
                                                  extra_args_provider))
         wandb_log.check_available(args)
         return cls(args, _hooks_from_args(args))
@@ -149,13 +144,9 @@ class Pretrainer:
         """Continue this run with a model built from `new_args` (e.g. more layers): every weight
         and optimizer-state tensor made by `make_tensor(key, shape, old global tensors)` (see
         training/growth.py); iteration, data position, optimizer step and LR schedule go on."""
-        from megatron_sparkling.training import growth
-
         sources, step = growth.global_state(self.args, self.model, self.optimizer)
         new_args.iteration = self.iteration
-        for counter in ("consumed_train_samples", "skipped_train_samples",
-                        "consumed_valid_samples"):  # the data position goes on
-            setattr(new_args, counter, getattr(self.args, counter, 0))
+        carry_position(new_args, self.args)   # the data position goes on
         self.model, self.optimizer = growth.build_grown(new_args, sources, step, make_tensor)
         del sources
         self.scheduler = growth.carry_scheduler(new_args, self.optimizer, self.scheduler)
@@ -299,8 +290,6 @@ class Pretrainer:
     def _record(self, record: dict) -> None:
         self.history.append(record)
         if self.args.wandb_project:
-            from megatron_sparkling import wandb_log
-
             wandb_log.log_record(self.args, record)
         path = self.args.log_metrics_path
         if path and torch.distributed.get_rank() == 0:
@@ -379,7 +368,5 @@ def pretrain(argv=None, extra_args_provider=None) -> list[dict]:
                      f"training FLOPs per iteration: {trainer.flops_per_iteration:.3e}")
         return trainer.run()
     finally:
-        from megatron_sparkling import wandb_log
-
         wandb_log.finish()
         shutdown()

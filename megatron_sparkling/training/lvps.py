@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_sparkling.checkpoint.paths import checkpoint_to_load
 from megatron_sparkling.training import flops
 
 X_MIN = 1e-6
@@ -178,9 +179,7 @@ class LVPSTraining:
         return max(i for i, s in enumerate(self.starts) if iteration >= s)
 
     def configure(self, args):
-        from megatron_sparkling.training import checkpointing
-
-        resumed, _ = checkpointing.read_tracker(args.load) if args.load else (-1, False)
+        resumed, _ = checkpoint_to_load(args.load, args.ckpt_step)
         if args.ckpt_step is not None:
             resumed = args.ckpt_step
         # a checkpoint at iteration r holds the layers its last step (r - 1) ran with

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 
-from megatron_sparkling.training import checkpointing, flops
+from megatron_sparkling.checkpoint.paths import checkpoint_to_load
+from megatron_sparkling.log import print_rank_0
+from megatron_sparkling.training import flops
 
 
 def add_flags(parser):
@@ -122,7 +124,7 @@ class ProgressiveDepth:
             raise ArgumentError(f"progressive depth: {e}") from None
 
     def configure(self, args):
-        resumed, _ = checkpointing.read_tracker(args.load) if args.load else (-1, False)
+        resumed, _ = checkpoint_to_load(args.load, args.ckpt_step)
         if args.ckpt_step is not None:
             resumed = args.ckpt_step
         self.full_args = copy.copy(args)
@@ -149,8 +151,6 @@ class ProgressiveDepth:
         spec = _growth_spec(trainer.args, full, self.new_layers, self.new_state)
         trainer.grow_model(full, LayerGrowth.from_spec(spec, FreshInit.from_args(full)))
         self.grown = True
-        from megatron_sparkling.training.loop import print_rank_0
-
         print_rank_0(f" > progressive depth: grew {spec.source.num_layers} -> {self.target} "
                      f"layers ({self.new_layers}) at iteration {trainer.iteration}")
 
