@@ -20,7 +20,8 @@ The pipeline behind `megatron-sparkling expand`:
 4. publish atomically (`commit`): rename into `iter_N`, then the tracker file.
 
 Written format: optimizer state in MODEL SPACE as `fully_reshardable` (`optimizer.state.param /
-exp_avg / exp_avg_sq.<key>`, fp32, global shapes), so Megatron loads it at any TP/EP/PP/DP with
+exp_avg / exp_avg_sq.<key>`, and `momentum_buffer` where the source has it: the kinds of
+core/layout.py's STATE_KINDS; fp32, global shapes), so Megatron loads it at any TP/EP/PP/DP with
 or without the distributed optimizer; the param groups are shaped for the target's expert-
 parallel size (`optimizer_common`). The RNG state is dropped unless asked to keep it (it only
 loads at the same TP/PP, and a grown model draws different dropout masks anyway); the stored
@@ -53,9 +54,6 @@ from megatron_sparkling.core.spec import (
     validate,
 )
 from megatron_sparkling.checkpoint.paths import CheckpointError
-
-OPTIMIZER_PREFIX = "optimizer.state.{kind}."
-WRITTEN_KINDS = ("param", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -251,9 +249,11 @@ class Conversion:
                     raise CheckpointError(f"optimizer state for {key}, which is no model tensor; "
                                           "the checkpoint is inconsistent, re-save it")
             for key in sorted(k for k in self.sources if self._like(k) in stored):
-                for kind in WRITTEN_KINDS:
-                    specs[OPTIMIZER_PREFIX.format(kind=kind) + key] = TensorSpec(
-                        specs[key].shape, torch.float32)
+                carried = self.optimizer.kinds_of(self._like(key))
+                for kind in layout_lib.STATE_KINDS:
+                    if kind.required or kind.name in carried:
+                        specs[kind.prefixes[0] + key] = TensorSpec(specs[key].shape,
+                                                                   torch.float32)
         return specs
 
     def _objects(self) -> dict:

@@ -238,7 +238,7 @@ class LegacyOptimizerState(optimizer_state.OptimizerState):
         if self._distributed:
             gbuf_idx, start, end = locator
             (world,) = state[gbuf_idx].values()
-            return world[kind][start:end]
+            return world[optimizer_state.state_key(kind)][start:end]
         g_index, i, position = locator
         inner = state.get("optimizer", state)  # Float16 optimizer wraps the torch state dict
         if kind == "param":
@@ -247,7 +247,7 @@ class LegacyOptimizerState(optimizer_state.OptimizerState):
                 return fp32[g_index][i].reshape(-1)
             return self._ckpt._local(rank, name).reshape(-1).float()
         ids = inner["param_groups"][g_index]["params"]
-        return inner["state"][ids[i]][kind].reshape(-1)
+        return inner["state"][ids[i]][optimizer_state.state_key(kind)].reshape(-1)
 
     def read(self, key: str, kind: str, layer: Optional[int] = None) -> torch.Tensor:
         if key not in self._where:

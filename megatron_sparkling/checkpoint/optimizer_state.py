@@ -1,13 +1,15 @@
 """Optimizer state of a torch_dist checkpoint, in MODEL SPACE, whatever format stored it.
 
 Every reader here answers the same questions: which model keys have optimizer state, which
-kinds (`param` = the fp32 main parameter, `exp_avg`, `exp_avg_sq`), the step, the param groups'
-options, and `read(key, kind)`: one global tensor of the model key's global shape, in fp32.
+kinds (core/layout.py's STATE_KINDS: `param` = the fp32 main parameter, `exp_avg`, `exp_avg_sq`,
+`momentum`), the step, the param groups' options, and `read(key, kind)`: one global tensor of
+the model key's global shape, in fp32.
 
 Formats megatron-core 0.16.1 writes (content metadata `distrib_optim_sharding_type`):
 - no distributed optimizer: `optimizer.state.exp_avg.<key>` / `exp_avg_sq` (and
   `optimizer.state.fp32_param.<key>` with fp16/bf16 params), the step in the common state;
 - `fully_reshardable`: `optimizer.state.param.<key>`, `exp_avg`, `exp_avg_sq`;
+- any model-space format may also carry `optimizer.state.momentum_buffer.<key>` (Muon);
 - `fully_sharded_model_space` (older name): `optimizer.state.fp32_param.<key>`, ... — read when
   its tensors are stored with the model's global shapes;
 - `dp_zero_gather_scatter` (deprecated): one object per model-parallel rank with the DP-gathered
@@ -28,12 +30,22 @@ import torch
 
 from megatron_sparkling.checkpoint.dcp import DcpCheckpoint
 from megatron_sparkling.checkpoint.paths import CheckpointError
+from megatron_sparkling.core import layout as layout_lib
 
-KINDS = ("param", "exp_avg", "exp_avg_sq")
-_MODEL_SPACE = re.compile(r"^(chained_\d+\.)?optimizer\.state\.(param|fp32_param|exp_avg_sq|exp_avg)"
-                          r"\.(.+)$")
+# the distributed optimizer's buckets (and the legacy per-rank files) hold Adam's state only:
+# the required kinds of the table
+KINDS = tuple(k.name for k in layout_lib.STATE_KINDS if k.required)
+_MODEL_SPACE = re.compile(r"^(chained_\d+\.)?("
+                          + "|".join(map(re.escape, layout_lib.OPTIMIZER_PREFIXES)) + r")(.+)$")
 _BUCKET = re.compile(r"^(chained_\d+\.)?optimizer\.distributed\.")
 _GROUPS_OBJECT = re.compile(r"^(chained_\d+\.)?optimizer\.distributed\.dp_group_idx_\d+\.optimizer/")
+
+
+def state_key(kind: str) -> str:
+    """A kind's key in torch's per-param state and in the distributed optimizer's buffers."""
+    return layout_lib.STATE_KIND[kind].state_key
+
+
 RESAVE = "re-save it with --dist-ckpt-optim-fully-reshardable (megatron-core >= 0.14)"
 
 
@@ -50,6 +62,10 @@ class OptimizerState:
     @property
     def keys(self) -> list:
         raise NotImplementedError
+
+    def kinds_of(self, key: str) -> tuple:
+        """The kinds stored for one model key (Muon keeps momentum for some params only)."""
+        return self.kinds
 
     def read(self, key: str, kind: str, layer: Optional[int] = None) -> torch.Tensor:
         """One global fp32 state tensor of a model key, or its slice of one layer."""
@@ -70,7 +86,7 @@ class ModelSpaceState(OptimizerState):
             m = _MODEL_SPACE.match(ckpt_key)
             if not m:
                 continue
-            kind = "param" if m.group(2) in ("param", "fp32_param") else m.group(2)
+            kind = layout_lib.state_kind(ckpt_key)
             model_key = m.group(3)
             if model_key in model_shapes and spec.shape != model_shapes[model_key]:
                 raise CheckpointError(
@@ -78,11 +94,15 @@ class ModelSpaceState(OptimizerState):
                     f"{model_shapes[model_key]} (an older flattened {fmt} layout); {RESAVE}")
             self._where[(model_key, kind)] = ckpt_key
         self._keys = sorted({k for k, _ in self._where})
-        self.kinds = tuple(k for k in KINDS if any(kind == k for _, kind in self._where))
+        self.kinds = tuple(k for k in layout_lib.KIND_NAMES
+                           if any(kind == k for _, kind in self._where))
 
     @property
     def keys(self) -> list:
         return self._keys
+
+    def kinds_of(self, key: str) -> tuple:
+        return tuple(k for k in self.kinds if (key, k) in self._where)
 
     def read(self, key: str, kind: str, layer: Optional[int] = None) -> torch.Tensor:
         where = self._where.get((key, kind))
@@ -146,7 +166,7 @@ class BucketSpaceState(OptimizerState):
             for bucket, (_, unpadded) in enumerate(buffer.buckets):
                 for kind in KINDS:
                     key = (f"{group}.gbuf_idx_{gbuf_idx}.dtype_{buffer.dtype_key}"
-                           f".bucket_idx_{bucket}.{kind}")
+                           f".bucket_idx_{bucket}.{state_key(kind)}")
                     spec = self._dcp.tensors.get(key)
                     if spec is None:
                         raise CheckpointError(f"the checkpoint lacks {key} that its rebuilt "
@@ -169,7 +189,7 @@ class BucketSpaceState(OptimizerState):
                       if (where := in_layer(p.global_slice, layer)) is not None]
             if not placed:
                 continue
-            flat = self._dcp.read(f"{stem}.{kind}", (start,), (end - start,))
+            flat = self._dcp.read(f"{stem}.{state_key(kind)}", (start,), (end - start,))
             for where, piece in placed:
                 out[where] = piece.view_of(flat)
         if kind == "param" and self._verify:
@@ -244,7 +264,7 @@ class WorldTensorState(OptimizerState):
             if unique not in self._objects:
                 self._objects[unique] = self._dcp.read_object(unique)
             (world,) = self._objects[unique][gbuf_idx].values()
-            flat = world[kind][start:end]
+            flat = world[state_key(kind)][start:end]
             for where, piece in placed:
                 out[where] = piece.view_of(flat)
         return out

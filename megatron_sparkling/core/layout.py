@@ -166,14 +166,37 @@ _MODEL_ENTRIES = [
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
 _EXTRA_STATE = re.compile(r"\._extra_state(/.*)?$")
 
-# Optimizer-state prefixes in model space (megatron-core 0.16.1 writes these).
-OPTIMIZER_PREFIXES = (
-    "optimizer.state.fp32_param.",
-    "optimizer.state.param.",
-    "optimizer.state.exp_avg_sq.",
-    "optimizer.state.exp_avg.",
-    "optimizer.state.momentum_buffer.",
+
+@dataclass(frozen=True)
+class StateKind:
+    """One kind of per-parameter optimizer state, as megatron-core 0.16.1 stores it."""
+    name: str          # the growth methods' `kind` argument
+    prefixes: tuple    # model-space key prefixes (`<prefix><model key>`); expand writes the first
+    state_key: str     # its key in torch's per-param state and the distributed optimizer's buffers
+    moment: bool       # grown by the optimizer-state rules (operators/optimizer.py); else a weight
+    required: bool     # expand writes it for every param with optimizer state (Adam's; missing in
+                       # the source is an error), else only where the source carries it
+
+
+# THE table of optimizer-state kinds: prefix parsing, the growth methods' kinds, the moment rules,
+# the readers and what expand writes all derive from it. A new optimizer's state is one entry.
+STATE_KINDS = (
+    # the fp32 main param: `param.` (fully_reshardable), `fp32_param.` (fp16/bf16 without the
+    # distributed optimizer, fully_sharded_model_space)
+    StateKind("param", ("optimizer.state.param.", "optimizer.state.fp32_param."), "param",
+              moment=False, required=True),
+    StateKind("exp_avg", ("optimizer.state.exp_avg.",), "exp_avg", moment=True, required=True),
+    StateKind("exp_avg_sq", ("optimizer.state.exp_avg_sq.",), "exp_avg_sq", moment=True,
+              required=True),
+    # Muon (and SGD) momentum; Muon keeps it only for the matrices it steps (Adam the rest)
+    StateKind("momentum", ("optimizer.state.momentum_buffer.",), "momentum_buffer", moment=True,
+              required=False),
 )
+KIND_NAMES = tuple(k.name for k in STATE_KINDS)
+STATE_KIND = {k.name: k for k in STATE_KINDS}
+# prefix -> kind name, for parsing stored keys
+_PREFIX_KINDS = {prefix: k.name for k in STATE_KINDS for prefix in k.prefixes}
+OPTIMIZER_PREFIXES = tuple(_PREFIX_KINDS)
 _CHAINED = re.compile(r"^chained_(\d+)\.")
 
 
@@ -260,22 +283,12 @@ def with_layer(key: str, index: int) -> str:
     return f"{prefix}decoder.layers.{index}.{m.group(2)}"
 
 
-# State kinds of optimizer prefixes (the growth methods' `kind` argument).
-_STATE_KINDS = {
-    "optimizer.state.fp32_param.": "param",
-    "optimizer.state.param.": "param",
-    "optimizer.state.exp_avg_sq.": "exp_avg_sq",
-    "optimizer.state.exp_avg.": "exp_avg",
-    "optimizer.state.momentum_buffer.": "momentum",
-}
-
-
 def state_kind(key: str) -> str:
-    """The growth state kind of a stored key: "param" for model weights and fp32 main params,
-    "exp_avg", "exp_avg_sq" or "momentum" for optimizer moments."""
+    """The growth state kind of a stored key: the one its optimizer prefix names (STATE_KINDS),
+    "param" for model weights."""
     prefix = split_state_key(key)[0]
     prefix = prefix[_CHAINED.match(prefix).end():] if _CHAINED.match(prefix) else prefix
-    return _STATE_KINDS.get(prefix, "param")
+    return _PREFIX_KINDS.get(prefix, "param")
 
 
 def split_object_key(unique_key: str) -> tuple[str, tuple, tuple]:

@@ -7,7 +7,8 @@ tensor, for the weights (fp32 main params included) and for each optimizer state
 time, so a converter can stream a checkpoint of any size and an in-memory hook can grow a live
 model the same way.
 
-State kinds passed as `kind` (inferred from an optimizer key's prefix when not given):
+State kinds passed as `kind` (inferred from an optimizer key's prefix when not given) are the
+names in core/layout.py's STATE_KINDS table:
     "param"       model weights and the optimizer's fp32 main params (the same values)
     "exp_avg"     Adam first moment            "exp_avg_sq"  Adam second moment
     "momentum"    Muon / SGD momentum buffer
@@ -29,7 +30,7 @@ from megatron_sparkling.core.layout import Axis
 from megatron_sparkling.core.plan import GrowthPlan, UnitMap
 from megatron_sparkling.core.spec import GrowthSpec, ParallelLayout, validate
 
-STATE_KINDS = ("param", "exp_avg", "exp_avg_sq", "momentum")
+STATE_KINDS = layout_lib.KIND_NAMES
 
 
 class GrowthMethod:

@@ -1,7 +1,8 @@
 """Optimizer state under width growth: Adam moments and Muon/SGD momentum.
 
-Kinds: "exp_avg" (Adam m), "exp_avg_sq" (Adam v), "momentum" (Muon/SGD buffer). The fp32 main
-params ("param") are weights and follow the method's weight rule, not these.
+Kinds: the moments of core/layout.py's STATE_KINDS table: "exp_avg" (Adam m), "exp_avg_sq"
+(Adam v), "momentum" (Muon/SGD buffer). The fp32 main params ("param") are weights and follow
+the method's weight rule, not these.
 
 Rules (`STATE_RULES`), applied to the state gathered along the tensor's element maps:
 - "reset_new": SPARKLING's asymmetric reset S' = [S, 0]: old elements keep their state exactly
@@ -21,10 +22,11 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_sparkling.operators import width
+from megatron_sparkling.core.layout import STATE_KINDS
 from megatron_sparkling.core.plan import UnitMap
 
 STATE_RULES = ("reset_new", "copy", "zero_all", "staged")
-MOMENT_KINDS = ("exp_avg", "exp_avg_sq", "momentum")
+MOMENT_KINDS = tuple(k.name for k in STATE_KINDS if k.moment)
 
 
 def grow_state(state: torch.Tensor, maps: Sequence[UnitMap], kind: str, rule: str,
