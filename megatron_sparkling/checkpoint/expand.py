@@ -40,7 +40,7 @@ from megatron_sparkling.core import plan as plan_lib
 from megatron_sparkling.checkpoint import optimizer_common, shadow
 from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
 from megatron_sparkling.checkpoint.dcp import TensorSpec
-from megatron_sparkling.checkpoint.grown import GrownTensors
+from megatron_sparkling.checkpoint.grown import DepthStream, GrownTensors, make_grower
 from megatron_sparkling.checkpoint.source import open_checkpoint
 from megatron_sparkling.checkpoint.writer import write_torch_dist
 from megatron_sparkling.core.record import RECORD_KEY
@@ -116,23 +116,22 @@ class Conversion:
             raise GrowthSpecError(f"--depth-method {req.depth.method}: the layer count stays "
                                   f"{self.source_shape.num_layers}; give --num-layers above it "
                                   "(or drop the depth options)")
-        validate(self.spec, self.parallel)
         self.grown = bool(self.spec.grown_axes())
+        self.deeper = layout_lib.Axis.LAYER in self.spec.grown_axes()
+        if self.grown:   # the Grower validates the growth (spec, target layout, method)
+            self.grower = self._grower()
+        else:            # a format conversion: the target layout is still checked
+            validate(self.spec, self.parallel)
+            self.grower = None
         self.keep_rng = req.keep_rng and self._rng_loadable()
         self.optimizer = None if req.drop_optimizer else self.src.optimizer
-        # source tensors as stored (growth happens in produce, under the TARGET key)
-        self.stored = GrownTensors(self.src, optimizer=self.optimizer)
         self.target_args = self._target_args()
-        self.deeper = layout_lib.Axis.LAYER in self.spec.grown_axes()
-        self.layer_map = plan_lib.plan_layer_map(self.spec) if self.deeper else None
-        self.fresh = depth_lib.FreshInit.from_args(self.target_args, req.seed) if (
-            self.deeper) else None
-        self.grower = self._grower() if self.grown else None
         target_run = shadow.run_args(self.target_args)
         self._target = shadow.build_layouts(target_run, shadow.stage_ranks(target_run),
                                             with_optimizer=True, exact=False)
         self.sources = self._source_keys()
         self.specs = self._tensor_specs()
+        self.stream = GrownTensors(self.src, self.grower, self.optimizer, self._depth_stream())
         self.objects = self._objects()
         self.common = self._common()
 
@@ -155,7 +154,6 @@ class Conversion:
         return target.replace(moe_layer_freq=pattern)
 
     def _grower(self):
-        from megatron_sparkling.checkpoint.grown import make_grower
         from megatron_sparkling.methods.base import get_method
 
         try:
@@ -164,15 +162,32 @@ class Conversion:
             raise CheckpointError(str(e)) from None
         if self.deeper and hasattr(method, "fresh_layer_rule"):
             # a width method growing a whole stacked tensor fills fresh layers as depth draws them
-            method.fresh_layer_rule = depth_lib.fresh_layer_rule(
-                self.layer_map, self.spec.depth, self.fresh, self.source_shape.swiglu)
-        grower = make_grower(self.spec, self.src.model_tensors, method)
+            method.fresh_layer_rule = depth_lib.fresh_layer_rule(self.spec, self._fresh_init())
+        grower = make_grower(self.spec, self.src.model_tensors, method, self.parallel)
         if self.deeper:
             planned = grower.plan.units[layout_lib.Axis.LAYER]
-            if not torch.equal(planned.source, self.layer_map.source):
+            if not torch.equal(planned.source, plan_lib.plan_layer_map(self.spec).source):
                 raise CheckpointError(f"growth method {method.name} places layers its own way; "
                                       "grow depth with a method that follows --depth-method")
         return grower
+
+    @property
+    def layer_map(self):
+        """Which source layer each target layer copies (the growth plan's layer axis)."""
+        return self.grower.plan.units[layout_lib.Axis.LAYER]
+
+    def _fresh_init(self) -> depth_lib.FreshInit:
+        """How fresh layers are drawn: the grown run's init settings and the growth seed."""
+        return depth_lib.FreshInit.from_args(self.target_shape.apply_to_args(self.src.args),
+                                             self.req.seed)
+
+    def _depth_stream(self) -> Optional[DepthStream]:
+        """How the target's layers come from the source's (None when the depth stays)."""
+        if not self.deeper:
+            return None
+        return DepthStream(self.layer_map, self.spec.depth, self._fresh_init(),
+                           self.source_shape.swiglu, self.sources,
+                           {k: s.shape for k, s in self.specs.items()})
 
     def _rng_loadable(self) -> bool:
         args, p = self.src.args, self.parallel
@@ -369,27 +384,8 @@ class Conversion:
         return {k: True for k in self.specs if layout_lib.is_stacked(k)}
 
     def produce(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """One target tensor, or one target layer of a stacked one, grown under its per-layer
-        key; with depth growth, from its source layer (a fresh layer: drawn by the depth rule)."""
-        prefix, model_key = layout_lib.split_state_key(key)
-        kind = layout_lib.state_kind(key)
-        grow_key = key if layer is None else layout_lib.layer_key(key, layer)
-        source_key, source_layer = self.sources[model_key], layer
-        if self.deeper and layer is not None:
-            source_layer = int(self.layer_map.source[layer])
-            source_key = None if source_layer < 0 else source_key
-        if source_key is None:  # a fresh layer: nothing to read, the depth method draws it
-            shape = self.specs[key].shape[1:] if layer is not None else self.specs[key].shape
-            tensor = torch.zeros(shape, dtype=torch.float32)
-        else:
-            tensor = self.stored.read(prefix + source_key, source_layer)
-            if self.grower is not None:
-                tensor = self.grower.grow(grow_key, tensor, kind)
-        if self.deeper:
-            tensor = depth_lib.finish_new_layers(grow_key, tensor, kind, self.layer_map,
-                                                 self.spec.depth, self.fresh,
-                                                 self.source_shape.swiglu)
-        return tensor.to(self.specs[key].dtype)
+        """One target tensor, or one target layer of a stacked one (checkpoint/grown.py)."""
+        return self.stream.read(key, layer).to(self.specs[key].dtype)
 
     def relaunch_flags(self) -> list:
         t = self.target_shape

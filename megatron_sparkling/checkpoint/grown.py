@@ -1,27 +1,31 @@
 """The grown model's global tensors, read from a source checkpoint and grown one at a time.
 
-Shared by the two ways a checkpoint grows: `megatron-sparkling expand` (checkpoint/convert.py
-streams them into a new torch_dist checkpoint) and the load hook (hook.py fills a live model and
-optimizer with them, no files written). Both therefore grow every tensor identically: stacked
-keys (`decoder.layers.<name>`, shape (L, ...)) layer by layer under their per-layer keys, model
-weights as kind "param", optimizer state in model space by kind.
+The ONE read -> grow stream, shared by the two ways a checkpoint grows: `megatron-sparkling
+expand` (checkpoint/expand.py writes what it yields into a new torch_dist checkpoint) and growth
+on load (live/load_hook.py cuts a live model's shards out of it; no files written). Both grow
+every tensor identically: stacked keys (`decoder.layers.<name>`, shape (L, ...)) layer by layer
+under their per-layer keys, model weights as kind "param", optimizer state in model space by
+kind; with depth growth every target layer comes from its source layer (`DepthStream`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.checkpoint.paths import CheckpointError
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core.plan import UnitMap
+from megatron_sparkling.core.spec import DepthOptions, GrowthSpecError
+from megatron_sparkling.methods.base import Grower
+from megatron_sparkling.operators import depth as depth_lib
 
 
-def make_grower(spec, model_keys, method_instance=None, parallel=None):
-    """A Grower for `spec`, refusing (CheckpointError, one line) an unknown method or option and
-    any model key the layout table does not know, before a tensor is read."""
-    from megatron_sparkling.methods.base import Grower
-    from megatron_sparkling.core.spec import GrowthSpecError
-
+def make_grower(spec, model_keys, method_instance=None, parallel=None) -> Grower:
+    """A Grower for `spec` (which validates the growth), refusing (CheckpointError, one line) an
+    unknown method or option and any model key the layout table does not know, before a tensor
+    is read."""
     try:
         grower = Grower(spec, method_instance, parallel)
     except GrowthSpecError:
@@ -33,7 +37,7 @@ def make_grower(spec, model_keys, method_instance=None, parallel=None):
             f"--method {grower.method.name} preserves the function only through a mask ramped at "
             "run time, which a relaunched run does not install; grow the checkpoint with "
             "sparkling, copy, hypercloning or staged (function-preserving), or use "
-            f"{grower.method.name} in process (Pretrainer.grow_model + masked_growth.MaskRamp)")
+            f"{grower.method.name} in process (Pretrainer.grow_model + mask_ramp.MaskRamp)")
     for key in model_keys:
         if not layout_lib.is_extra_state(key):
             try:
@@ -43,41 +47,69 @@ def make_grower(spec, model_keys, method_instance=None, parallel=None):
     return grower
 
 
-class GrownTensors:
-    """`read(key, layer)`: one grown global tensor (or one layer of a stacked one) of the source
-    checkpoint `src`; `key` is a model key or `optimizer.state.<kind>.<model key>`. With no
-    grower the tensors are returned as stored (a plain format conversion)."""
+@dataclass(frozen=True)
+class DepthStream:
+    """Where each layer of a deeper target comes from, and how new layers are finished."""
+    layer_map: UnitMap
+    options: DepthOptions
+    fresh: depth_lib.FreshInit
+    swiglu: bool
+    sources: dict     # target model key -> source model key (None: a fresh per-layer tensor)
+    shapes: dict      # target model key -> global shape (what a fresh layer is drawn at)
 
-    def __init__(self, src, grower=None, optimizer=None):
+
+class GrownTensors:
+    """`read(key, layer)`: one grown global tensor of the TARGET model (or one layer of a stacked
+    one), made from the source checkpoint `src`; `key` is a model key or
+    `optimizer.state.<kind>.<model key>`. With no grower the tensors are returned as stored (a
+    plain format conversion)."""
+
+    def __init__(self, src, grower: Optional[Grower] = None, optimizer=None,
+                 depth: Optional[DepthStream] = None):
         self.src = src
         self.grower = grower
         self.optimizer = optimizer   # the source's model-space optimizer state (or None)
+        self.depth = depth
+
+    def stored(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """A source tensor (or one layer of it) as stored; optimizer state in model space."""
+        prefix, model_key = layout_lib.split_state_key(key)
+        if not prefix:
+            return self.src.read_model(key, layer)
+        kind = layout_lib.state_kind(key)
+        if self.optimizer is not None and kind in self.optimizer.kinds:
+            return self.optimizer.read(model_key, kind, layer)
+        if kind == "param":  # no distributed optimizer, fp32 params: the weights
+            return self.src.read_model(model_key, layer).float()
+        raise CheckpointError(f"the checkpoint has no {kind} state for {model_key}")
 
     def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         prefix, model_key = layout_lib.split_state_key(key)
-        if not prefix:
-            kind, tensor = "param", self.src.read_model(key, layer)
+        kind = layout_lib.state_kind(key)
+        grow_key = key if layer is None else layout_lib.layer_key(key, layer)
+        source_key, source_layer = model_key, layer
+        if self.depth is not None:
+            source_key = self.depth.sources[model_key]
+            if layer is not None:
+                source_layer = int(self.depth.layer_map.source[layer])
+                source_key = None if source_layer < 0 else source_key
+        if source_key is None:  # a fresh layer: nothing to read, the depth method draws it
+            shape = self.depth.shapes[model_key]
+            tensor = torch.zeros(shape[1:] if layer is not None else shape, dtype=torch.float32)
         else:
-            kind = layout_lib.state_kind(key)
-            if self.optimizer is not None and kind in self.optimizer.kinds:
-                tensor = self.optimizer.read(model_key, kind, layer)
-            elif kind == "param":  # no distributed optimizer, fp32 params: the weights
-                tensor = self.src.read_model(model_key, layer).float()
-            else:
-                raise CheckpointError(f"the checkpoint has no {kind} state for {model_key}")
-        if self.grower is not None:
-            grow_key = key if layer is None else layout_lib.layer_key(key, layer)
-            tensor = self.grower.grow(grow_key, tensor, kind)
+            tensor = self.stored(prefix + source_key, source_layer)
+            if self.grower is not None:
+                tensor = self.grower.grow(grow_key, tensor, kind)
+        if self.depth is not None:
+            d = self.depth
+            tensor = depth_lib.finish_new_layers(grow_key, tensor, kind, d.layer_map, d.options,
+                                                 d.fresh, d.swiglu)
         return tensor
-
-    def layer_count(self, key: str) -> int:
-        return self.src.model_tensors[layout_lib.split_state_key(key)[1]].shape[0]
 
     def whole(self, key: str) -> torch.Tensor:
         """The whole grown global tensor; stacked keys grown layer by layer (as `expand`
         streams them) unless the layer count itself grows."""
-        grows_depth = self.grower is not None and (
-            layout_lib.Axis.LAYER in self.grower.spec.grown_axes())
-        if layout_lib.is_stacked(key) and not grows_depth:
-            return torch.stack([self.read(key, i) for i in range(self.layer_count(key))])
+        if layout_lib.is_stacked(key) and self.depth is None:
+            layers = self.src.model_tensors[layout_lib.split_state_key(key)[1]].shape[0]
+            return torch.stack([self.read(key, i) for i in range(layers)])
         return self.read(key)

@@ -96,8 +96,8 @@ class Grower:
 
     def __init__(self, spec: GrowthSpec, method: Optional[GrowthMethod] = None,
                  parallel: Optional[ParallelLayout] = None):
-        """Validates the spec (and the target parallel layout, if given) and the method's own
-        constraints before any tensor is touched."""
+        """Validates the growth once, before any tensor is touched: the spec (and the target
+        parallel layout, if given), then the method's own constraints."""
         validate(spec, parallel)
         self.spec = spec
         self.method = method or get_method(spec.method, **spec.options)

@@ -85,7 +85,6 @@ class ElementwiseGrowth(GrowthMethod):
         """Method-specific refusals (before any work); spec.validate() did the shape checks."""
 
     def make_plan(self, spec: GrowthSpec) -> GrowthPlan:
-        self.validate(spec)
         return self.check_layers(GrowthPlan.twins(spec, fresh_axes=self.fresh_axes))
 
     def check_layers(self, plan: GrowthPlan) -> GrowthPlan:

@@ -57,7 +57,6 @@ class HyperCloning(ElementwiseGrowth):
         integer_factor_or_refuse(spec, self.name)
 
     def make_plan(self, spec):
-        self.validate(spec)
         return self.check_layers(tiled_plan(spec))
 
     def fan_in_factor(self, umap, out_grown):

@@ -49,7 +49,6 @@ class Staged(ElementwiseGrowth):
                                   f"factor (got {got}); use copy or sparkling for mixed factors")
 
     def make_plan(self, spec):
-        self.validate(spec)
         return self.check_layers(tiled_plan(spec))
 
     def _factor(self, maps) -> int:

@@ -224,12 +224,17 @@ class LayerGrowth:
                            self.options, self.fresh, self.swiglu)
 
 
-def fresh_layer_rule(lmap: UnitMap, options: DepthOptions, fresh: FreshInit,
-                     swiglu: bool = True):
+def fresh_layer_rule(spec: GrowthSpec, fresh: FreshInit):
     """The `ElementwiseGrowth.fresh_layer_rule` of a depth growth: a width method that grows a
-    whole stacked tensor fills its source-less layers as `finish_new_layers` draws them."""
+    whole stacked tensor fills its source-less layers as `finish_new_layers` draws them. The
+    layer map is the spec's, made at the first call (the growth is validated by then)."""
+    lmaps: list = []
+
     def rule(key, kind, lay, grown, dim, layers):
         assert dim == 0, "the layer axis leads a stacked tensor"
-        finished = finish_new_layers(key, grown, kind, lmap, options, fresh, swiglu)
+        if not lmaps:
+            lmaps.append(plan_layer_map(spec))
+        finished = finish_new_layers(key, grown, kind, lmaps[0], spec.depth, fresh,
+                                     spec.source.swiglu)
         grown[layers] = finished[layers]
     return rule
