@@ -6,6 +6,8 @@ import contextlib
 import os
 import sys
 
+from megatron_sparkling.methods import REGISTRY
+
 
 def _pretrain(argv):
     from megatron_sparkling.training.loop import pretrain
@@ -156,7 +158,8 @@ def expand_parser() -> argparse.ArgumentParser:
                  "num-query-groups", "num-experts", "moe-router-topk"):
         sizes.add_argument("--" + flag, type=int, default=None)
     g = p.add_argument_group("growth")
-    g.add_argument("--method", default="sparkling", help="growth method (registry name)")
+    g.add_argument("--method", default="sparkling",
+                   help=f"growth method: {', '.join(REGISTRY)} (default sparkling)")
     g.add_argument("--seed", type=int, default=1234, help="seed of the growth plan")
     g.add_argument("--method-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the growth method (repeatable)")

@@ -187,7 +187,7 @@ def test_twin_symmetry_breaks_with_a_perturbation(narrow, corpus_prefix):
         g = torch.Generator().manual_seed(0)
         tensors = {}
         for key, value in grown_tensors(grower, narrow["tensors"]).items():
-            mask = grower.new_mask(key)
+            mask = grower.plan.new_mask(grower.layout(key))
             if mask is not None:
                 noise = torch.randn(value.shape, generator=g) * 0.2 * value.std()
                 value = value + noise * mask
@@ -221,7 +221,7 @@ def test_twin_cosines_on_global_tensors_every_axis(narrow):
     g = torch.Generator().manual_seed(0)
     noisy = {}
     for key, value in grown.items():
-        mask = grower.new_mask(key)
+        mask = grower.plan.new_mask(grower.layout(key))
         noisy[key] = value if mask is None else (
             value + 0.5 * value.std() * torch.randn(value.shape, generator=g) * mask)
     for axis, f in dg.twin_cosines(noisy, grower.plan).items():

@@ -435,7 +435,7 @@ def test_optimizer_state_rules_on_real_adam_state(narrow, narrow_state, method):
         model_key = layout.split_state_key(key)[1]
         maps = grower.plan.tensor_maps(grower.layout(key))
         copied = width.gather(state, maps)  # every element's source value
-        new = grower.new_mask(key)
+        new = grower.plan.new_mask(grower.layout(key))
         new = torch.zeros_like(grown, dtype=torch.bool) if new is None else new
         if kind == "param":
             # fp32 main params are grown exactly like the model weights

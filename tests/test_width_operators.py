@@ -217,4 +217,4 @@ def test_fresh_layers_need_a_depth_rule_and_get_it():
     grown = grower.grow(key, w)
     assert torch.equal(grown[:2], w) and not grown[2].any()
     assert calls == [(key, "param", [2])]
-    assert grower.new_mask(key)[2].all() and not grower.new_mask(key)[:2].any()
+    assert grower.plan.new_mask(grower.layout(key))[2].all() and not grower.plan.new_mask(grower.layout(key))[:2].any()

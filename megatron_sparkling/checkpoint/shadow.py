@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 
 from megatron_sparkling.checkpoint.paths import CheckpointError
+from megatron_sparkling.compat import cpu as cpu_compat
+from megatron_sparkling.mcore import model as model_lib
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,6 @@ def _prepare_worker() -> None:
     if _WORKER_READY:
         return
     os.environ["MEGATRON_SPARKLING_FORCE_CPU"] = "1"
-    from megatron_sparkling.compat import cpu as cpu_compat
-
     cpu_compat.apply()
     torch.cuda.current_device = lambda: "meta"  # DDP buffers and main params: no memory
     _MetaTypeMode().__enter__()
@@ -165,7 +165,8 @@ def _check_buildable(args) -> None:
         raise CheckpointError("virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) "
                               "are not supported by the converter; re-save without them or with "
                               "--dist-ckpt-optim-fully-reshardable")
-    if getattr(args, "transformer_impl", "local") == "transformer_engine" and not _have_te():
+    if (getattr(args, "transformer_impl", "local") == "transformer_engine"
+            and not cpu_compat.have_transformer_engine()):
         raise CheckpointError(
             "the source was trained with Transformer Engine and this machine has none; mapping "
             "its per-rank state needs the same model: run the converter where Transformer "
@@ -262,7 +263,6 @@ def _build_rank(args, rank: int, with_optimizer: bool) -> RankLayout:
 
     from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron_sparkling.mcore import model as model_lib
 
     _, _, order = _generators(args)
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank,
@@ -354,7 +354,8 @@ def _build_here(args, ranks, with_optimizer: bool, exact: bool) -> list:
     global _POOL
     if exact:
         _check_buildable(args)
-    elif getattr(args, "transformer_impl", "local") == "transformer_engine" and not _have_te():
+    elif (getattr(args, "transformer_impl", "local") == "transformer_engine"
+          and not cpu_compat.have_transformer_engine()):
         args.transformer_impl = "local"
     try:
         return _pool().submit(_worker, args, list(ranks), with_optimizer).result()
@@ -368,14 +369,6 @@ def _build_here(args, ranks, with_optimizer: bool, exact: bool) -> list:
         first = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"the stored args do not build a megatron-core model "
                               f"({type(e).__name__}: {first}); fix the checkpoint's args") from None
-
-
-def _have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def run_args(args, *, tensor: Optional[int] = None, pipeline: Optional[int] = None,

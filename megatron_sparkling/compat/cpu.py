@@ -51,6 +51,19 @@ def needed() -> bool:
     return not torch.cuda.is_available()
 
 
+def have_gpu() -> bool:
+    """A GPU megatron-core can use as is (no bridges)."""
+    return torch.cuda.is_available() and not needed()
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def _set(obj, name, value):
     setattr(obj, name, value)
     APPLIED.append(f"{getattr(obj, '__name__', type(obj).__name__)}.{name}")

@@ -65,7 +65,7 @@ def common_state(path: str) -> dict:
 
 def one_rank_args(stored_args, data_path: Optional[list] = None):
     """A copy of a checkpoint's args that builds the whole model in one process."""
-    from megatron_sparkling.training.initialize import have_gpu, have_transformer_engine
+    from megatron_sparkling.compat.cpu import have_gpu, have_transformer_engine
     from megatron_sparkling.training import arguments
 
     args = copy.copy(stored_args)

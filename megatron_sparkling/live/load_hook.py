@@ -39,6 +39,7 @@ from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError, ModelShape
 from megatron_sparkling.live import rewarmup
 from megatron_sparkling.live.state import GlobalShapeError, fill_live, resume_position
 from megatron_sparkling.log import print_rank_0
+from megatron_sparkling.methods import REGISTRY
 from megatron_sparkling.methods.base import parse_method_options
 
 GROWING = "_sparkling_growing"     # marks a loader already wrapped by `growing`
@@ -59,9 +60,8 @@ def add_args(parser):
                                       description="megatron_sparkling: grow a narrow --load "
                                                   "checkpoint to this run's sizes on load")
         g.add_argument("--sparkling-method", default="sparkling",
-                       help="Growth method when --load holds a narrower model (registry name: "
-                            "sparkling, copy, copy-opt, drop-opt, hypercloning, staged, msg, "
-                            "zero, random). Default sparkling.")
+                       help="Growth method when --load holds a narrower model: "
+                            f"{', '.join(REGISTRY)}. Default sparkling.")
         g.add_argument("--sparkling-seed", type=int, default=1234,
                        help="Seed of the growth plan (which source unit each new unit copies).")
         g.add_argument("--sparkling-method-option", action="append", default=[],

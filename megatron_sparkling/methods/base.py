@@ -145,10 +145,6 @@ class Grower:
             out[layout_lib.object_unique_key(key, tuple(index), new_shape)] = data
         return out
 
-    def new_mask(self, key: str) -> Optional[torch.Tensor]:
-        """True where an element of the grown tensor is new (None if none is)."""
-        return self.plan.new_mask(self.layout(key))
-
     def record(self) -> dict:
         """The growth record stored with a grown checkpoint (plain tensors and numbers)."""
         import dataclasses

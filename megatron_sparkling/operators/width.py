@@ -40,19 +40,6 @@ def gather(tensor: torch.Tensor, maps: Sequence[UnitMap]) -> torch.Tensor:
     return out.clone() if out is tensor else out  # never an alias of the input
 
 
-def grow_along(tensor: torch.Tensor, dim: int, umap: UnitMap, rule: str = "zeros",
-               value: float = 0.0, std: Optional[float] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Grow one dimension: copy from sources, fill fresh elements by `rule`."""
-    maps = [UnitMap.identity(n) for n in tensor.shape]
-    maps[dim] = umap
-    grown = gather(tensor, maps)
-    mask = axis_mask(maps, fresh=True)
-    if mask is not None:
-        fill_fresh(grown, mask, rule, tensor, maps, value=value, std=std, generator=generator)
-    return grown
-
-
 def axis_mask(maps: Sequence[UnitMap], fresh: bool) -> Optional[torch.Tensor]:
     """Bool tensor of the grown shape: True where any coordinate is fresh (source -1,
     `fresh=True`) or new (`fresh=False`); None when no element is."""

@@ -128,7 +128,7 @@ def microbatches(dataset, start_sample: int, num_iterations: int, args) -> Itera
 
 
 def to_device(batch: dict) -> dict:
-    from megatron_sparkling.training.initialize import have_gpu
+    from megatron_sparkling.compat.cpu import have_gpu
 
     device = torch.cuda.current_device() if have_gpu() else "cpu"
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -9,18 +9,7 @@ import numpy as np
 import torch
 
 from megatron_sparkling.compat import cpu as cpu_compat
-
-
-def have_gpu() -> bool:
-    return torch.cuda.is_available() and not cpu_compat.needed()
-
-
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
+from megatron_sparkling.compat.cpu import have_gpu, have_transformer_engine
 
 
 def init_distributed(backend: str, timeout_minutes: int = 10) -> None:
