@@ -54,6 +54,8 @@ from megatron_sparkling.core.spec import (
     validate,
 )
 from megatron_sparkling.checkpoint.paths import CheckpointError
+from megatron_sparkling.checkpoint.base import object_bytes
+from megatron_sparkling.methods.base import get_method
 
 
 @dataclass
@@ -154,8 +156,6 @@ class Conversion:
         return target.replace(moe_layer_freq=pattern)
 
     def _grower(self):
-        from megatron_sparkling.methods.base import get_method
-
         try:
             method = self.req.method_instance or get_method(self.spec.method, **self.spec.options)
         except ValueError as e:  # unknown method or option
@@ -296,8 +296,6 @@ class Conversion:
         """`_extra_state` objects (TE FP8 metadata; None with the local spec) of a model whose
         expert or layer count grew: one per grown unit, copied from its source unit."""
         from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-        from megatron_sparkling.checkpoint.base import object_bytes
 
         out = {}
         if hasattr(self.grower, "grow_objects"):

@@ -32,6 +32,7 @@ from megatron_sparkling.checkpoint.paths import (
     iteration_dir,
     read_tracker,
 )
+from megatron_sparkling.checkpoint import shadow
 
 CONVERT_HINT = ("load it once in Megatron-LM and save it with --ckpt-format torch_dist "
                 "(e.g. --ckpt-convert-format torch_dist --ckpt-convert-save DIR)")
@@ -152,8 +153,6 @@ class TorchDistCheckpoint(SourceCheckpoint):
         if fmt in ("none", "fully_reshardable", "fully_sharded_model_space"):
             return optimizer_state.ModelSpaceState(self.dcp, fmt, groups, step, shapes)
         if fmt in ("dp_reshardable", "dp_zero_gather_scatter"):
-            from megatron_sparkling.checkpoint import shadow
-
             args = self.args
             layouts = shadow.build_layouts(args, shadow.representative_ranks(args))
             if fmt == "dp_zero_gather_scatter":

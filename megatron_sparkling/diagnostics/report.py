@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 from megatron_sparkling.diagnostics.activations import ActivationProbe, ModelFigures
 from megatron_sparkling.diagnostics.sites import LINEAR_SITES, NORM_SITES, sort_key
+from megatron_sparkling.diagnostics.twins import twin_similarity
 
 
 def _ratio(after: Optional[float], before: Optional[float]) -> Optional[float]:
@@ -220,8 +221,6 @@ def compare(before, after, batches: Iterable[dict], plan=None, meta: Optional[di
               "rms_before": fb.logits_rms, "rms_after": fa.logits_rms}
     twins = None
     if plan is not None:
-        from megatron_sparkling.diagnostics.twins import twin_similarity
-
         twins = twin_similarity(after, plan, batches if twin_batches is None else twin_batches)
     meta = dict(meta or {})
     meta.setdefault("batches", len(batches))

@@ -19,6 +19,7 @@ import torch
 
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis, Kind
+from megatron_sparkling.mcore.model import unwrap
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,6 @@ class ParamRef:
 
 def bare_model(model):
     """The GPTModel of a model given as a chunk list (as Pretrainer.model) or one module."""
-    from megatron_sparkling.mcore.model import unwrap
-
     chunks = model if isinstance(model, (list, tuple)) else [model]
     bare = unwrap(chunks)
     if len(bare) != 1:

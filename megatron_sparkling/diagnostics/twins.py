@@ -36,6 +36,9 @@ import torch
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis, Kind, Packing
 from megatron_sparkling.core.plan import GrowthPlan
+from megatron_sparkling.diagnostics.activations import forward_loss
+from megatron_sparkling.diagnostics.sites import bare_model, require_whole_model, swiglu_of
+from megatron_sparkling.live.state import gather_global, model_global_tensors
 
 HEADS = "heads"
 QKV_GROUPS = "qkv_groups"
@@ -258,10 +261,6 @@ def model_gradients(model, batches: Iterable[dict]) -> dict:
     """Global gradient tensors by checkpoint key: d(mean token loss over all batches)/d(weights),
     in eval mode (no dropout, no auxiliary MoE loss). The model's gradient buffers are zeroed
     before and after, so a training step that follows is not affected. 1 rank only."""
-    from megatron_sparkling.live.state import gather_global
-    from megatron_sparkling.diagnostics.activations import forward_loss
-    from megatron_sparkling.diagnostics.sites import bare_model, require_whole_model
-
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     gpt = bare_model(chunks)
     require_whole_model(gpt)
@@ -292,16 +291,12 @@ def model_gradients(model, batches: Iterable[dict]) -> dict:
 
 
 def model_weights(model) -> dict:
-    from megatron_sparkling.live.state import model_global_tensors
-
     return model_global_tensors(model if isinstance(model, (list, tuple)) else [model])
 
 
 def twin_similarity(model, plan: GrowthPlan, batches: Optional[Iterable[dict]] = None) -> dict:
     """{"weight": {axis: summary}, "gradient": {axis: summary}} for a live grown model; the
     gradient part needs `batches`. Summaries: units, fresh, undefined, mean, min, max."""
-    from megatron_sparkling.diagnostics.sites import bare_model, swiglu_of
-
     swiglu = swiglu_of(bare_model(model))
     out = {"weight": summarize(twin_cosines(model_weights(model), plan, swiglu))}
     if batches is not None:

@@ -28,6 +28,7 @@ from megatron_sparkling.core.layout import Axis, Kind, Role
 from megatron_sparkling.operators import norms
 from megatron_sparkling.core.plan import GrowthPlan
 from megatron_sparkling.core.record import plan_of
+from megatron_sparkling.mcore.model import unwrap
 
 MASKED_INPUT_AXES = (Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.HEADS)
 
@@ -53,8 +54,6 @@ class MaskRamp:
 
     # ------------------------------------------------------------------ hooks
     def install(self, model_chunks, iteration_fn: Callable[[], int]) -> "MaskRamp":
-        from megatron_sparkling.mcore.model import unwrap
-
         self._iteration_fn = iteration_fn
         self.m = self.value(iteration_fn())
         for chunk in unwrap(model_chunks):

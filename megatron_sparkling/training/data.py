@@ -14,6 +14,7 @@ import os
 from typing import Iterator
 
 import torch
+from megatron_sparkling.compat.cpu import have_gpu
 
 
 def build_tokenizer(args):
@@ -128,7 +129,5 @@ def microbatches(dataset, start_sample: int, num_iterations: int, args) -> Itera
 
 
 def to_device(batch: dict) -> dict:
-    from megatron_sparkling.compat.cpu import have_gpu
-
     device = torch.cuda.current_device() if have_gpu() else "cpu"
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

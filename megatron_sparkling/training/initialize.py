@@ -10,6 +10,7 @@ import torch
 
 from megatron_sparkling.compat import cpu as cpu_compat
 from megatron_sparkling.compat.cpu import have_gpu, have_transformer_engine
+from megatron_sparkling.training import arguments
 
 
 def init_distributed(backend: str, timeout_minutes: int = 10) -> None:
@@ -66,8 +67,6 @@ def set_random_seed(seed: int, data_parallel_random_init: bool = False) -> None:
 
 def initialize(args_or_argv=None, extra_args_provider=None, ignore_unknown_args=False):
     """Parse and validate flags, start process groups, seed. Returns the args namespace."""
-    from megatron_sparkling.training import arguments
-
     gpu = have_gpu()
     if not gpu:
         cpu_compat.apply()

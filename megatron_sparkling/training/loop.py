@@ -25,13 +25,12 @@ from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.mcore import model as model_lib
 from megatron_sparkling.training import checkpointing, data, flops, growth
 from megatron_sparkling.training.initialize import initialize, shutdown
+from megatron_sparkling.training import lvps, progressive
 
 
 def _training_modes():
     """Modules that add a training mode: each has add_flags(parser) and hook(args) -> a hook
     or None (see `Pretrainer` for what a hook may do)."""
-    from megatron_sparkling.training import lvps, progressive
-
     return (progressive, lvps)
 
 

@@ -25,6 +25,10 @@ import torch
 
 from megatron_sparkling.checkpoint.paths import checkpoint_to_load
 from megatron_sparkling.training import flops
+from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
+from megatron_sparkling.mcore.model import unwrap
+from megatron_sparkling.operators.depth import FreshInit, LayerGrowth
+from megatron_sparkling.training.arguments import ArgumentError
 
 X_MIN = 1e-6
 END = 0.6
@@ -100,8 +104,6 @@ class LayerSchedule:
 
 
 def decoder_block(model_chunks):
-    from megatron_sparkling.mcore.model import unwrap
-
     return unwrap(model_chunks)[0].decoder
 
 
@@ -128,8 +130,6 @@ def add_flags(parser):
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        from megatron_sparkling.training.arguments import ArgumentError
-
         raise ArgumentError(message)
 
 
@@ -206,9 +206,6 @@ class LVPSTraining:
 
     def grow(self, trainer, n: int):
         """Grow the unique layers to `n` by interpolation (Apollo)."""
-        from megatron_sparkling.operators.depth import FreshInit, LayerGrowth
-        from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
-
         new = copy.copy(trainer.args)
         new.num_layers = n
         spec = GrowthSpec(ModelShape.from_args(trainer.args), ModelShape.from_args(new),

@@ -22,6 +22,9 @@ import copy
 from megatron_sparkling.checkpoint.paths import checkpoint_to_load
 from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.training import flops
+from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape, validate
+from megatron_sparkling.operators.depth import FreshInit, LayerGrowth
+from megatron_sparkling.training.arguments import ArgumentError
 
 
 def add_flags(parser):
@@ -46,8 +49,6 @@ def grow_iteration(args) -> int:
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        from megatron_sparkling.training.arguments import ArgumentError
-
         raise ArgumentError(message)
 
 
@@ -67,8 +68,6 @@ def _small_args(args, start: int):
 
 
 def _growth_spec(small, full, new_layers: str, new_state: str):
-    from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
-
     method = "stack" if new_layers == "copy" else "random"
     return GrowthSpec(ModelShape.from_args(small), ModelShape.from_args(full), seed=full.seed,
                       depth=DepthOptions(method=method, new_state=new_state))
@@ -89,8 +88,6 @@ class ProgressiveDepth:
         self._check(args)
 
     def _check(self, args):
-        from megatron_sparkling.core.spec import validate
-
         flag = "--sparkling-progressive-start-layers"
         _require(0 <= self.start < self.target,
                  f"{flag} {self.start} must be at least 0 and below --num-layers {self.target}")
@@ -119,8 +116,6 @@ class ProgressiveDepth:
             validate(_growth_spec(_small_args(args, self.start), args, self.new_layers,
                                   self.new_state))
         except ValueError as e:
-            from megatron_sparkling.training.arguments import ArgumentError
-
             raise ArgumentError(f"progressive depth: {e}") from None
 
     def configure(self, args):
@@ -143,8 +138,6 @@ class ProgressiveDepth:
 
     def grow(self, trainer):
         """Grow `trainer` to the full depth now."""
-        from megatron_sparkling.operators.depth import FreshInit, LayerGrowth
-
         full = copy.copy(trainer.args)
         full.num_layers = self.target
         full.moe_layer_freq = self.full_args.moe_layer_freq
