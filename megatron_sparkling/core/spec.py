@@ -3,7 +3,9 @@
 `ModelShape` holds the sizes of a megatron-core GPT/MoE model, read from (and written back to)
 Megatron-LM's args namespace. `GrowthSpec` pairs a source and a target shape with a method and a
 seed; `validate()` refuses a target that cannot be (smaller, not divisible, ...) with a one-line
-message naming the axis and the valid choices, before a single tensor is touched.
+message naming the axis and the valid choices, before a single tensor is touched. `SIZES` is the
+one table of growable sizes (field, layout axis, label, Megatron-LM flag, parallel divisor, how it
+grows): validation, the plan, the expand flags, the load hook and the relaunch flags derive from it.
 """
 from __future__ import annotations
 
@@ -113,16 +115,50 @@ class ModelShape:
         return out
 
 
-# Width axes a user asks for, the ModelShape field behind each, and a readable name.
-WIDTH_FIELDS = {
-    "hidden_size": "hidden size",
-    "ffn_hidden_size": "dense FFN size",
-    "moe_ffn_hidden_size": "expert FFN size",
-    "moe_shared_expert_intermediate_size": "shared-expert FFN size",
-    "num_attention_heads": "attention heads",
-    "num_query_groups": "query groups",
-    "num_experts": "number of experts",
-}
+@dataclass(frozen=True)
+class Size:
+    """One growable size; whatever names it, checks it or tracks it reads it from `SIZES`.
+
+    grows: "width" (units inside tensors, which the width methods widen), "units" (whole
+        experts) or "depth" (the layer count).
+    draw: the order in which GrowthPlan.twins draws this axis's twins from the seed; it is part
+        of what a seed means, so a new axis takes the next number. None for heads and query
+        groups, which the plan draws last through its group and slot maps.
+    """
+    field: str               # the ModelShape field (and Megatron-LM's args attribute)
+    axis: Axis               # the layout axis it sizes (heads: HEADS, query groups: QKV)
+    label: str               # its name in messages
+    flag: str                # Megatron-LM's command-line flag
+    divisor: Optional[str]   # the ParallelLayout size that must divide it (None: no rule)
+    grows: str
+    draw: Optional[int]
+
+
+# THE table of growable sizes, in the order messages and flags list them. A new size is one row.
+#    field, axis, label, flag, divisor, grows, draw
+SIZES = (
+    Size("num_layers", Axis.LAYER, "number of layers (--num-layers)", "--num-layers",
+         "pipeline", "depth", 5),
+    Size("hidden_size", Axis.HIDDEN, "hidden size", "--hidden-size", None, "width", 0),
+    Size("ffn_hidden_size", Axis.DENSE_FFN, "dense FFN size", "--ffn-hidden-size", "tensor",
+         "width", 3),
+    Size("moe_ffn_hidden_size", Axis.EXPERT_FFN, "expert FFN size", "--moe-ffn-hidden-size",
+         "expert_tp", "width", 1),
+    Size("moe_shared_expert_intermediate_size", Axis.SHARED_FFN, "shared-expert FFN size",
+         "--moe-shared-expert-intermediate-size", "tensor", "width", 2),
+    Size("num_attention_heads", Axis.HEADS, "attention heads", "--num-attention-heads",
+         "tensor", "width", None),
+    Size("num_query_groups", Axis.QKV, "query groups", "--num-query-groups", "tensor", "width",
+         None),
+    Size("num_experts", Axis.EXPERT, "number of experts", "--num-experts", "expert", "units", 4),
+)
+
+# Width sizes (every size but the layer count: what width growth widens): field -> label.
+WIDTH_FIELDS = {s.field: s.label for s in SIZES if s.grows != "depth"}
+
+# The ParallelLayout sizes of the divisor rules, as messages name them.
+PARALLEL_NAMES = {"tensor": "tensor-parallel size", "expert_tp": "expert tensor-parallel size",
+                  "expert": "expert-parallel size", "pipeline": "pipeline-parallel size"}
 
 
 @dataclass(frozen=True)
@@ -230,18 +266,10 @@ def validate(spec: GrowthSpec, parallel: Optional[ParallelLayout] = None) -> Non
 
 
 def _validate_parallel(tgt: ModelShape, p: ParallelLayout) -> None:
-    checks = [
-        ("attention heads", tgt.num_attention_heads, p.tensor, "tensor-parallel size"),
-        ("query groups", tgt.num_query_groups, p.tensor, "tensor-parallel size"),
-        ("dense FFN size", tgt.ffn_hidden_size, p.tensor, "tensor-parallel size"),
-        ("shared-expert FFN size", tgt.moe_shared_expert_intermediate_size, p.tensor,
-         "tensor-parallel size"),
-        ("expert FFN size", tgt.moe_ffn_hidden_size, p.expert_tp, "expert tensor-parallel size"),
-        ("number of experts", tgt.num_experts, p.expert, "expert-parallel size"),
-        ("number of layers (--num-layers)", tgt.num_layers, p.pipeline,
-         "pipeline-parallel size"),
-    ]
-    for label, size, parts, what in checks:
-        if size is not None and parts > 1 and size % parts:
-            raise GrowthSpecError(f"{label}: {size} is not divisible by the {what} {parts}; "
-                                  f"choose a multiple of {parts} ({_multiples(parts, size)})")
+    for size in SIZES:
+        value = getattr(tgt, size.field)
+        parts = getattr(p, size.divisor) if size.divisor else 1
+        if value is not None and parts > 1 and value % parts:
+            raise GrowthSpecError(
+                f"{size.label}: {value} is not divisible by the {PARALLEL_NAMES[size.divisor]} "
+                f"{parts}; choose a multiple of {parts} ({_multiples(parts, value)})")
