@@ -33,12 +33,11 @@ import torch
 
 from megatron_sparkling.live import rewarmup as schedule
 from megatron_sparkling.checkpoint.paths import CheckpointError
+from megatron_sparkling.core.spec import WIDTH_FIELDS
 
 GROWING = "_sparkling_growing"     # marks a loader already wrapped by `growing`
-# The sizes whose change means "grow on load" (the ModelShape fields the growth methods widen).
-GROWN_SIZES = ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size",
-               "moe_shared_expert_intermediate_size", "num_attention_heads", "num_query_groups",
-               "num_experts")
+# The sizes whose change means "grow on load": spec.SIZES' width sizes (depth is refused here).
+GROWN_SIZES = tuple(WIDTH_FIELDS)
 # Sizes that follow the grown ones and must match the target (validate() checks them).
 FOLLOWING_SIZES = ("kv_channels", "moe_router_topk")
 
