@@ -142,6 +142,14 @@ def _curve(path, params, skip_fraction):
     return stage_timing.Curve(params, [s for s, _ in kept], [l for _, l in kept])
 
 
+def _target_sizes() -> tuple:
+    """(flag, ModelShape field) of expand's target sizes: every growable size of spec.SIZES,
+    and the router top-k (not grown, but a target may change it)."""
+    from megatron_sparkling.core.sizes import SIZES
+
+    return tuple((s.flag, s.field) for s in SIZES) + (("--moe-router-topk", "moe_router_topk"),)
+
+
 def expand_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-sparkling expand",
@@ -153,10 +161,8 @@ def expand_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=None,
                    help="source iteration (default: the tracker file's)")
     sizes = p.add_argument_group("target sizes (default: the source's)")
-    for flag in ("num-layers", "hidden-size", "ffn-hidden-size", "moe-ffn-hidden-size",
-                 "moe-shared-expert-intermediate-size", "num-attention-heads",
-                 "num-query-groups", "num-experts", "moe-router-topk"):
-        sizes.add_argument("--" + flag, type=int, default=None)
+    for flag, name in _target_sizes():
+        sizes.add_argument(flag, dest=name, type=int, default=None)
     g = p.add_argument_group("growth")
     g.add_argument("--method", default="sparkling",
                    help=f"growth method: {', '.join(REGISTRY)} (default sparkling)")
@@ -211,10 +217,7 @@ def expand_request(ns):
     from megatron_sparkling.checkpoint.expand import ExpandRequest
     from megatron_sparkling.methods.base import parse_method_options
 
-    names = ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size",
-             "moe_shared_expert_intermediate_size", "num_attention_heads", "num_query_groups",
-             "num_experts", "moe_router_topk")
-    sizes = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
+    sizes = {n: getattr(ns, n) for _, n in _target_sizes() if getattr(ns, n) is not None}
     try:
         options = parse_method_options(ns.method_option)
     except ValueError as e:

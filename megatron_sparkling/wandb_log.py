@@ -94,7 +94,7 @@ def growth_event(iteration: int, record: dict, source: str, elements_before: int
                  elements_after: int, path: str, rewarmup=None) -> dict:
     """The growth event as flat figures; `record` is Grower.record() (method, seed, source and
     target shapes), `path` says where the growth ran ("expand" or "load hook")."""
-    from megatron_sparkling.core.spec import WIDTH_FIELDS
+    from megatron_sparkling.core.sizes import WIDTH_FIELDS
 
     event = {"iteration": int(iteration), "method": record.get("method"),
              "seed": record.get("seed"), "source": source, "path": path,

@@ -44,6 +44,7 @@ from megatron_sparkling.checkpoint.grown import DepthStream, GrownTensors, make_
 from megatron_sparkling.checkpoint.source import open_checkpoint
 from megatron_sparkling.checkpoint.writer import write_torch_dist
 from megatron_sparkling.core.record import RECORD_KEY
+from megatron_sparkling.core.sizes import SIZES
 from megatron_sparkling.operators import depth as depth_lib
 from megatron_sparkling.core.spec import (
     DepthOptions,
@@ -387,21 +388,20 @@ class Conversion:
 
     def relaunch_flags(self) -> list:
         t = self.target_shape
-        flags = ["--load", self.req.save, "--num-layers", t.num_layers,
-                 "--hidden-size", t.hidden_size,
-                 "--num-attention-heads", t.num_attention_heads, "--kv-channels", t.kv_channels]
-        if t.num_query_groups != t.num_attention_heads or getattr(
-                self.src.args, "group_query_attention", False):
-            flags += ["--group-query-attention", "--num-query-groups", t.num_query_groups]
-        flags += ["--ffn-hidden-size", t.ffn_hidden_size]
+        gqa = t.num_query_groups != t.num_attention_heads or getattr(
+            self.src.args, "group_query_attention", False)
+        flags = ["--load", self.req.save]
+        for size in SIZES:   # every growable size the target has (groups count only under GQA)
+            value = getattr(t, size.field)
+            if value and (size.field != "num_query_groups" or gqa):
+                flags += [size.flag, value]
+        flags += ["--kv-channels", t.kv_channels]
+        if gqa:
+            flags.append("--group-query-attention")
         if t.num_experts:
-            flags += ["--num-experts", t.num_experts, "--moe-ffn-hidden-size",
-                      t.moe_ffn_hidden_size, "--moe-router-topk", t.moe_router_topk]
+            flags += ["--moe-router-topk", t.moe_router_topk]
         if t.num_experts and t.moe_layer_freq != self.source_shape.moe_layer_freq:
             flags += ["--moe-layer-freq", str(t.moe_layer_freq).replace(" ", "")]
-        if t.moe_shared_expert_intermediate_size:
-            flags += ["--moe-shared-expert-intermediate-size",
-                      t.moe_shared_expert_intermediate_size]
         p = self.parallel
         flags += ["--tensor-model-parallel-size", p.tensor,
                   "--pipeline-model-parallel-size", p.pipeline,

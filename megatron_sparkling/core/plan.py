@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from megatron_sparkling.core.layout import Axis, Dim, Packing, TensorLayout
+from megatron_sparkling.core.sizes import SIZES
 
 if TYPE_CHECKING:  # annotations only: spec.py builds on this module
     from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
@@ -88,8 +89,9 @@ def head_map(src: ModelShape, tgt: ModelShape, group_map: UnitMap, slot_map: Uni
 class GrowthPlan:
     """Unit maps for every axis of a growth, and their element maps for any tensor dimension."""
 
-    AXES = (Axis.HIDDEN, Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.EXPERT,
-            Axis.LAYER)
+    # The axes mapped by plain unit maps, in the order twins() draws them (spec.SIZES' draw).
+    AXES = tuple(s.axis for s in sorted((s for s in SIZES if s.draw is not None),
+                                        key=lambda s: s.draw))
 
     def __init__(self, spec: GrowthSpec, units: dict, group_map: UnitMap, slot_map: UnitMap):
         """`units`: Axis -> UnitMap for the plain axes; `group_map` over query groups and

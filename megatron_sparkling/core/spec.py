@@ -3,7 +3,8 @@
 `ModelShape` holds the sizes of a megatron-core GPT/MoE model, read from (and written back to)
 Megatron-LM's args namespace. `GrowthSpec` pairs a source and a target shape with a method and a
 seed; `validate()` refuses a target that cannot be (smaller, not divisible, ...) with a one-line
-message naming the axis and the valid choices, before a single tensor is touched.
+message naming the axis and the valid choices, before a single tensor is touched. Growable sizes
+come from core/sizes.py.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_sparkling.core.layout import Axis
+from megatron_sparkling.core.sizes import PARALLEL_NAMES, SIZES, WIDTH_FIELDS
 from megatron_sparkling.core.plan import (
     DEPTH_PLACEMENTS,
     grown_moe_pattern,
@@ -119,18 +121,6 @@ class ModelShape:
         return out
 
 
-# Width axes a user asks for, the ModelShape field behind each, and a readable name.
-WIDTH_FIELDS = {
-    "hidden_size": "hidden size",
-    "ffn_hidden_size": "dense FFN size",
-    "moe_ffn_hidden_size": "expert FFN size",
-    "moe_shared_expert_intermediate_size": "shared-expert FFN size",
-    "num_attention_heads": "attention heads",
-    "num_query_groups": "query groups",
-    "num_experts": "number of experts",
-}
-
-
 @dataclass(frozen=True)
 class ParallelLayout:
     """The target run's model-parallel sizes (the data-parallel size never constrains growth)."""
@@ -233,21 +223,13 @@ def validate(spec: GrowthSpec, parallel: Optional[ParallelLayout] = None) -> Non
 
 
 def _validate_parallel(tgt: ModelShape, p: ParallelLayout) -> None:
-    checks = [
-        ("attention heads", tgt.num_attention_heads, p.tensor, "tensor-parallel size"),
-        ("query groups", tgt.num_query_groups, p.tensor, "tensor-parallel size"),
-        ("dense FFN size", tgt.ffn_hidden_size, p.tensor, "tensor-parallel size"),
-        ("shared-expert FFN size", tgt.moe_shared_expert_intermediate_size, p.tensor,
-         "tensor-parallel size"),
-        ("expert FFN size", tgt.moe_ffn_hidden_size, p.expert_tp, "expert tensor-parallel size"),
-        ("number of experts", tgt.num_experts, p.expert, "expert-parallel size"),
-        ("number of layers (--num-layers)", tgt.num_layers, p.pipeline,
-         "pipeline-parallel size"),
-    ]
-    for label, size, parts, what in checks:
-        if size is not None and parts > 1 and size % parts:
-            raise GrowthSpecError(f"{label}: {size} is not divisible by the {what} {parts}; "
-                                  f"choose a multiple of {parts} ({_multiples(parts, size)})")
+    for size in SIZES:
+        value = getattr(tgt, size.field)
+        parts = getattr(p, size.divisor) if size.divisor else 1
+        if value is not None and parts > 1 and value % parts:
+            raise GrowthSpecError(
+                f"{size.label}: {value} is not divisible by the {PARALLEL_NAMES[size.divisor]} "
+                f"{parts}; choose a multiple of {parts} ({_multiples(parts, value)})")
 
 
 def _validate_depth(spec: GrowthSpec) -> None:

@@ -175,15 +175,13 @@ def plan_from_record(record: dict):
 
 
 def _check_plan_fits(plan, before_args, after_args) -> None:
+    from megatron_sparkling.core.sizes import SIZES
     from megatron_sparkling.core.spec import ModelShape
 
     for side, shape, args in (("source", plan.spec.source, before_args),
                               ("target", plan.spec.target, after_args)):
         model = ModelShape.from_args(args)
-        fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                  "ffn_hidden_size", "num_experts", "moe_ffn_hidden_size",
-                  "moe_shared_expert_intermediate_size")
-        differ = [f for f in fields if getattr(model, f) != getattr(shape, f)]
+        differ = [s.field for s in SIZES if getattr(model, s.field) != getattr(shape, s.field)]
         if differ:
             which = "before" if side == "source" else "after"
             raise VerifyError(f"the growth record's {side} shape differs from the {which} "

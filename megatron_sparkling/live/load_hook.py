@@ -35,6 +35,7 @@ from megatron_sparkling.checkpoint.base import expected_shape
 from megatron_sparkling.checkpoint.grown import GrownTensors, make_grower
 from megatron_sparkling.checkpoint.paths import CheckpointError, checkpoint_to_load
 from megatron_sparkling.checkpoint.source import open_checkpoint
+from megatron_sparkling.core.sizes import WIDTH_FIELDS
 from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError, ModelShape, ParallelLayout
 from megatron_sparkling.live import rewarmup
 from megatron_sparkling.live.state import GlobalShapeError, fill_live, resume_position
@@ -43,10 +44,8 @@ from megatron_sparkling.methods import REGISTRY
 from megatron_sparkling.methods.base import parse_method_options
 
 GROWING = "_sparkling_growing"     # marks a loader already wrapped by `growing`
-# The sizes whose change means "grow on load" (the ModelShape fields the growth methods widen).
-GROWN_SIZES = ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size",
-               "moe_shared_expert_intermediate_size", "num_attention_heads", "num_query_groups",
-               "num_experts")
+# The sizes whose change means "grow on load": spec.SIZES' width sizes (depth is refused here).
+GROWN_SIZES = tuple(WIDTH_FIELDS)
 # Sizes that follow the grown ones and must match the target (validate() checks them).
 FOLLOWING_SIZES = ("kv_channels", "moe_router_topk")
 

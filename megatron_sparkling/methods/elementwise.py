@@ -27,12 +27,12 @@ from megatron_sparkling.core.layout import Axis, Kind, Role
 from megatron_sparkling.methods.base import GrowthMethod
 from megatron_sparkling.operators import norms, optimizer, width
 from megatron_sparkling.core.plan import GrowthPlan, UnitMap
+from megatron_sparkling.core.sizes import SIZES, WIDTH_FIELDS
 from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError
 
-# Width axes of a GrowthPlan (everything a width method may append units to), and the spec
-# axes (stored sizes) that belong to each.
-WIDTH_PLAN_AXES = (Axis.HIDDEN, Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.QKV,
-                   Axis.HEADS)
+# Width axes of a GrowthPlan (everything a width method may append units to): the plan axes of
+# spec.SIZES' width rows (whole experts are not among them).
+WIDTH_PLAN_AXES = tuple(s.axis for s in SIZES if s.grows == "width")
 
 # (key, kind, layout, grown tensor, layer dim, fresh layer indices) -> None, fills in place
 FreshLayerRule = Callable[[str, str, layout_lib.TensorLayout, torch.Tensor, int, torch.Tensor],
@@ -183,8 +183,6 @@ class ElementwiseGrowth(GrowthMethod):
 def integer_factor_or_refuse(spec: GrowthSpec, method: str) -> dict:
     """{axis: k} for every grown width axis; refuses (one line) an axis whose factor is not an
     integer, naming the valid sizes."""
-    from megatron_sparkling.core.spec import WIDTH_FIELDS
-
     factors = {}
     for name, label in WIDTH_FIELDS.items():
         a, b = getattr(spec.source, name), getattr(spec.target, name)

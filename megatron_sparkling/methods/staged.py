@@ -24,7 +24,8 @@ from megatron_sparkling.methods.base import register
 from megatron_sparkling.methods.elementwise import ElementwiseGrowth, integer_factor_or_refuse
 from megatron_sparkling.methods.hypercloning import tiled_plan
 from megatron_sparkling.operators import width
-from megatron_sparkling.core.spec import WIDTH_FIELDS, GrowthSpecError
+from megatron_sparkling.core.sizes import WIDTH_FIELDS
+from megatron_sparkling.core.spec import GrowthSpecError
 
 
 def _out_in(lay):
