@@ -1,0 +1,1 @@
+"""Offline Megatron checkpoints: read, grow, write; imports nothing from training/ or live/."""

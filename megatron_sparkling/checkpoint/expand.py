@@ -1,31 +1,13 @@
 """Read a Megatron checkpoint, grow it tensor by tensor, write a torch_dist checkpoint.
 
 The pipeline behind `megatron-sparkling expand`:
-
-1. open the source (any format `reader` knows) and check that its args describe its tensors;
-2. validate the growth (spec.validate, the method's own checks, every key in the layout table)
-   and the target parallel layout, rebuild the target run's model and optimizer on the meta
-   device (`shadow`) for the global shapes and param groups Megatron will ask for — all BEFORE
-   a byte is written;
-3. stream: every model tensor and every optimizer-state tensor is read as ONE global tensor,
-   passed through `Grower.grow(key, tensor, kind)` (skipped when no size changes: a plain format
-   conversion) and written (`writer`), into a staging folder beside the target. Tensors stacked
-   over layers (`decoder.layers.<name>`, shape (L, ...)) are streamed one layer at a time, grown
-   under their per-layer keys (`decoder.layers.<i>.<name>`), so memory is bounded by one layer's
-   slice, not by the model's depth. When the layer count grows (`--num-layers`, the depth
-   options of operators/depth.py), every TARGET layer i is made from the slice of its source
-   layer (the plan's layer map), width-grown under the target key, then finished by the depth
-   method (identity's zero projections, fresh layers drawn, new layers' optimizer state reset
-   or kept); per-layer keys of new layers are derived from their source layer's;
+1. open the source (any format `source` knows) and check that its args describe its tensors;
+2. validate the growth and the target parallel layout and rebuild the target run on the meta
+   device (`shadow`), all BEFORE a byte is written (`Conversion`);
+3. stream: every model and optimizer-state tensor is read as ONE global tensor, grown and
+   written (`writer`) into a staging folder beside the target (`Conversion.produce`);
 4. publish atomically (`commit`): rename into `iter_N`, then the tracker file.
-
-Written format: optimizer state in MODEL SPACE as `fully_reshardable` (`optimizer.state.param /
-exp_avg / exp_avg_sq.<key>`, and `momentum_buffer` where the source has it: the kinds of
-core/layout.py's STATE_KINDS; fp32, global shapes), so Megatron loads it at any TP/EP/PP/DP with
-or without the distributed optimizer; the param groups are shaped for the target's expert-
-parallel size (`optimizer_common`). The RNG state is dropped unless asked to keep it (it only
-loads at the same TP/PP, and a grown model draws different dropout masks anyway); the stored
-args then say `no_save_rng`, so Megatron skips it by itself.
+The written format is described on `expand`.
 """
 from __future__ import annotations
 
@@ -97,7 +79,11 @@ class ExpandResult:
 
 
 class Conversion:
-    """Everything decided and checked before writing (see the module docstring, steps 1-2)."""
+    """Everything decided and checked before writing (the module docstring's steps 1-2):
+    open the source and check that its args describe its tensors; validate the growth
+    (spec.validate, the method's own checks, every key in the layout table) and the target
+    parallel layout, rebuild the target run's model and optimizer on the meta device (`shadow`)
+    for the global shapes and param groups Megatron will ask for."""
 
     def __init__(self, req: ExpandRequest):
         self.req = req
@@ -383,7 +369,18 @@ class Conversion:
         return {k: True for k in self.specs if layout_lib.is_stacked(k)}
 
     def produce(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """One target tensor, or one target layer of a stacked one (checkpoint/grown.py)."""
+        """One target tensor, or one target layer of a stacked one (checkpoint/grown.py).
+
+        Every model tensor and every optimizer-state tensor is read as ONE global tensor, passed
+        through `Grower.grow(key, tensor, kind)` (skipped when no size changes: a plain format
+        conversion). Tensors stacked over layers (`decoder.layers.<name>`, shape (L, ...)) are
+        streamed one layer at a time, grown under their per-layer keys
+        (`decoder.layers.<i>.<name>`), so memory is bounded by one layer's slice, not by the
+        model's depth. When the layer count grows (`--num-layers`, the depth options of
+        operators/depth.py), every TARGET layer i is made from the slice of its source layer
+        (the plan's layer map), width-grown under the target key, then finished by the depth
+        method (identity's zero projections, fresh layers drawn, new layers' optimizer state
+        reset or kept); per-layer keys of new layers are derived from their source layer's."""
         return self.stream.read(key, layer).to(self.specs[key].dtype)
 
     def relaunch_flags(self) -> list:
@@ -433,7 +430,15 @@ def optimizer_groups(target_layouts) -> list:
 
 
 def expand(req: ExpandRequest) -> ExpandResult:
-    """Run one conversion (collective under torchrun: every rank calls it)."""
+    """Run one conversion (collective under torchrun: every rank calls it).
+
+    Written format: optimizer state in MODEL SPACE as `fully_reshardable` (`optimizer.state.param
+    / exp_avg / exp_avg_sq.<key>`, and `momentum_buffer` where the source has it: the kinds of
+    core/layout.py's STATE_KINDS; fp32, global shapes), so Megatron loads it at any TP/EP/PP/DP
+    with or without the distributed optimizer; the param groups are shaped for the target's
+    expert-parallel size (`optimizer_common`). The RNG state is dropped unless asked to keep it
+    (it only loads at the same TP/PP, and a grown model draws different dropout masks anyway);
+    the stored args then say `no_save_rng`, so Megatron skips it by itself."""
     import torch.distributed as dist
 
     start = time.time()

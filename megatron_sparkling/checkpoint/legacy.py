@@ -3,18 +3,8 @@
     iter_N/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt   one per (TP, PP, EP) rank
                                                  /distrib_optim.pt     with the distributed optimizer
 
-`model_optim_rng.pt` holds the rank's LOCAL model state dict (`state_dict_for_save_checkpoint`:
-per-layer names, local experts `local_experts.j`, TP shards, SwiGLU fc1 rows as [W_i; V_i]),
-`optimizer.state_dict()` (param groups; without the distributed optimizer also every
-parameter's Adam moments, by position in the optimizer) and the scheduler; `distrib_optim.pt`
-holds the distributed optimizer's DP-gathered buffers (`save_parameter_state`: per buffer and
-dtype, the buckets' unpadded ranges concatenated).
-
-Where each local tensor goes in the global tensor is not re-derived here: `shadow` rebuilds
-every writing rank's model with megatron-core on the meta device, and its `sharded_state_dict()`
-(the same mapping megatron-core's own torch -> torch_dist conversion uses) gives each local
-name's pieces of global checkpoint keys. Files are memory-mapped, so a read touches only the
-shards it needs.
+Where each local tensor goes in the global tensor is not re-derived here: `shadow` rebuilds the
+writing ranks' models on the meta device (see `LegacyCheckpoint`).
 """
 from __future__ import annotations
 
@@ -28,6 +18,12 @@ from megatron_sparkling.checkpoint.dcp import TensorSpec
 from megatron_sparkling.checkpoint.base import SourceCheckpoint, object_bytes
 from megatron_sparkling.checkpoint.paths import CheckpointError
 
+# model_optim_rng.pt holds the rank's LOCAL model state dict (`state_dict_for_save_checkpoint`:
+# per-layer names, local experts `local_experts.j`, TP shards, SwiGLU fc1 rows as [W_i; V_i]),
+# `optimizer.state_dict()` (param groups; without the distributed optimizer also every
+# parameter's Adam moments, by position in the optimizer) and the scheduler; distrib_optim.pt
+# holds the distributed optimizer's DP-gathered buffers (`save_parameter_state`: per buffer and
+# dtype, the buckets' unpadded ranges concatenated).
 MODEL_FILE = "model_optim_rng.pt"
 OPTIM_FILE = "distrib_optim.pt"
 
@@ -54,6 +50,12 @@ def _load(path: str):
 
 
 class LegacyCheckpoint(SourceCheckpoint):
+    """A legacy checkpoint's model tensors, read as global tensors.
+
+    `shadow` rebuilds every writing rank's model with megatron-core on the meta device, and its
+    `sharded_state_dict()` (the same mapping megatron-core's own torch -> torch_dist conversion
+    uses) gives each local name's pieces of global checkpoint keys. Files are memory-mapped, so
+    a read touches only the shards it needs."""
     format = "torch"
 
     def __init__(self, path: str, iteration: int, release: bool, verify: bool = True):

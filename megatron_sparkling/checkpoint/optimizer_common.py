@@ -6,13 +6,6 @@ optimizer: one entry for a single optimizer, `{0: dense, 1: expert}` for the Cha
 an expert-parallel run builds. The groups are those of the TARGET run's optimizer (rebuilt by
 `shadow` at the target layout: with EP > 1 experts get their own `is_expert_parallel` groups),
 with hyperparameters and step carried over from the source's matching group.
-
-One entry serves both optimizer kinds megatron-core loads from model space:
-- DistributedOptimizer (`fully_reshardable`): `optimizer.param_groups` (with `step`) and
-  `param_state_sharding_type`;
-- FP32Optimizer (no distributed optimizer): `param_groups` and `state.common_step`.
-(fp16/bf16 params without the distributed optimizer would also need `fp32_param` tensors; that
-target is not written.)
 """
 from __future__ import annotations
 
@@ -54,7 +47,14 @@ def build(target_optimizers: list, source_groups: list, step, grad_scaler=None):
     """The common-state `optimizer` entry for the target run's optimizer(s).
 
     `target_optimizers`: per chained optimizer, its param-group options (shadow's
-    OptimizerLayout.groups, unioned over pipeline stages)."""
+    OptimizerLayout.groups, unioned over pipeline stages).
+
+    One entry serves both optimizer kinds megatron-core loads from model space:
+    - DistributedOptimizer (`fully_reshardable`): `optimizer.param_groups` (with `step`) and
+      `param_state_sharding_type`;
+    - FP32Optimizer (no distributed optimizer): `param_groups` and `state.common_step`.
+    (fp16/bf16 params without the distributed optimizer would also need `fp32_param` tensors;
+    that target is not written.)"""
     step = float(step or 0)
     entries = []
     for groups in target_optimizers:

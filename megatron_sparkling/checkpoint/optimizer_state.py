@@ -3,23 +3,8 @@
 Every reader here answers the same questions: which model keys have optimizer state, which
 kinds (core/layout.py's STATE_KINDS: `param` = the fp32 main parameter, `exp_avg`, `exp_avg_sq`,
 `momentum`), the step, the param groups' options, and `read(key, kind)`: one global tensor of
-the model key's global shape, in fp32.
-
-Formats megatron-core 0.16.1 writes (content metadata `distrib_optim_sharding_type`):
-- no distributed optimizer: `optimizer.state.exp_avg.<key>` / `exp_avg_sq` (and
-  `optimizer.state.fp32_param.<key>` with fp16/bf16 params), the step in the common state;
-- `fully_reshardable`: `optimizer.state.param.<key>`, `exp_avg`, `exp_avg_sq`;
-- any model-space format may also carry `optimizer.state.momentum_buffer.<key>` (Muon);
-- `fully_sharded_model_space` (older name): `optimizer.state.fp32_param.<key>`, ... — read when
-  its tensors are stored with the model's global shapes;
-- `dp_zero_gather_scatter` (deprecated): one object per model-parallel rank with the DP-gathered
-  buffers, mapped like `dp_reshardable` (but held in memory a rank at a time);
-- `dp_reshardable` (the default): flat per-bucket tensors
-  `[chained_N.]optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_D.bucket_idx_K.<kind>`,
-  mapped back to parameters through the DDP bucket layout rebuilt by `shadow` from the stored
-  args, and verified: every main parameter read from the buckets, cast to the model's dtype,
-  must equal the stored model weight exactly.
-Keys may carry a `chained_N.` prefix (ChainedOptimizer without avoid-prefix).
+the model key's global shape, in fp32. The formats megatron-core 0.16.1 writes are listed on
+`sharding_type`; keys may carry a `chained_N.` prefix (ChainedOptimizer without avoid-prefix).
 """
 from __future__ import annotations
 
@@ -359,7 +344,22 @@ def param_groups_and_step(common: dict, dcp: Optional[DcpCheckpoint]) -> tuple[l
 
 
 def sharding_type(common: dict, dcp: DcpCheckpoint) -> Optional[str]:
-    """How the checkpoint stores its optimizer state; None when it stores none."""
+    """How the checkpoint stores its optimizer state; None when it stores none.
+
+    Formats megatron-core 0.16.1 writes (content metadata `distrib_optim_sharding_type`):
+    - no distributed optimizer: `optimizer.state.exp_avg.<key>` / `exp_avg_sq` (and
+      `optimizer.state.fp32_param.<key>` with fp16/bf16 params), the step in the common state;
+    - `fully_reshardable`: `optimizer.state.param.<key>`, `exp_avg`, `exp_avg_sq`;
+    - any model-space format may also carry `optimizer.state.momentum_buffer.<key>` (Muon);
+    - `fully_sharded_model_space` (older name): `optimizer.state.fp32_param.<key>`, ... — read
+      when its tensors are stored with the model's global shapes;
+    - `dp_zero_gather_scatter` (deprecated): one object per model-parallel rank with the
+      DP-gathered buffers, mapped like `dp_reshardable` (but held in memory a rank at a time);
+    - `dp_reshardable` (the default): flat per-bucket tensors
+      `[chained_N.]optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_D.bucket_idx_K.<kind>`,
+      mapped back to parameters through the DDP bucket layout rebuilt by `shadow` from the
+      stored args, and verified: every main parameter read from the buckets, cast to the
+      model's dtype, must equal the stored model weight exactly."""
     metadata = common.get("content_metadata") or {}
     fmt = metadata.get("distrib_optim_sharding_type")
     if fmt is None:

@@ -6,17 +6,7 @@ the DDP bucketing of each model-parallel rank, and Megatron-LM's legacy `torch` 
 each rank's LOCAL state dict. Instead of re-deriving Megatron's rules, this module asks
 megatron-core itself: for a given args namespace and global rank it builds the real GPTModel,
 DistributedDataParallel and optimizer on the meta device (no memory for weights) under a fake
-process group (torch's "fake" backend: every collective is a no-op), and records
-
-- for every local parameter (and persistent buffer): its local name, and the pieces of global
-  checkpoint tensors it holds (from the model's own `sharded_state_dict()`, factories such as
-  SwiGLU's [W_i; V_i] fc1 applied by megatron-core), as views into the flat local tensor;
-- for every (chained) optimizer: its checkpoint-key prefix, `dp_group_idx`, the DDP buffers and
-  buckets with each parameter's range in them, and its param groups in optimizer order.
-
-The builds run in a spawned worker process so that the fake process group, megatron-core's
-global parallel state and the meta-device patches never touch the caller (which may itself be
-a torchrun rank or a test that trains a model).
+process group (torch's "fake" backend: every collective is a no-op), and records a `RankLayout`.
 """
 from __future__ import annotations
 
@@ -81,6 +71,15 @@ class OptimizerLayout:
 
 @dataclass
 class RankLayout:
+    """What one rebuilt rank records:
+
+    - for every local parameter (and persistent buffer): its local name, and the pieces of
+      global checkpoint tensors it holds (from the model's own `sharded_state_dict()`, factories
+      such as SwiGLU's [W_i; V_i] fc1 applied by megatron-core), as views into the flat local
+      tensor;
+    - for every (chained) optimizer: its checkpoint-key prefix, `dp_group_idx`, the DDP buffers
+      and buckets with each parameter's range in them, and its param groups in optimizer order.
+    """
     rank: int
     tensors: dict                       # local name -> LocalTensor
     optimizers: list                    # OptimizerLayout
@@ -308,6 +307,9 @@ def _worker(args, ranks, with_optimizer):
 
 
 # ---------------------------------------------------------------------------- caller side
+# The builds run in a spawned worker process so that the fake process group, megatron-core's
+# global parallel state and the meta-device patches never touch the caller (which may itself be
+# a torchrun rank or a test that trains a model).
 _POOL: Optional[concurrent.futures.ProcessPoolExecutor] = None
 
 

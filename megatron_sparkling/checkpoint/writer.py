@@ -7,14 +7,7 @@ global tensor `(L, ...)`, so whole tensors would grow with the model's depth), w
 DCP writer works through them; each piece is dropped right after it is on disk (one piece per
 `.distcp` file, so the writer keeps no file's worth of tensors alive). Peak memory is therefore
 the largest produced piece plus what `produce` needs to make it, whatever the checkpoint's size.
-
-The result is what megatron-core's dist_checkpointing loads at ANY TP/EP/PP/DP layout:
-- `.metadata` + `__R_K.distcp`: every tensor under its global key with its global shape (one
-  chunk each), ShardedObjects as bytes under their unique keys (`torch.save([data])`);
-- `common.pt`: the non-tensor state (args, iteration, optimizer param groups, ...);
-- `metadata.json`: `{"sharded_backend": "torch_dist", ...}`, written last.
-Under torchrun the tensors are split among the ranks (balanced by bytes): each rank produces
-and writes its share, DCP's coordinator (rank 0) writes the index. Every file is fsynced.
+The result loads in megatron-core at ANY TP/EP/PP/DP layout (files: `write_torch_dist`).
 """
 from __future__ import annotations
 
@@ -150,7 +143,15 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
     `specs`: {key: TensorSpec} of every tensor; `produce(key, layer)` makes one tensor (layer
     None) or one layer slice of it (without the leading axis) for keys marked in `layered`;
     `objects`: {unique key: bytes} of ShardedObjects (written by rank 0); `common`: the common
-    state dict (rank 0 writes common.pt). Collective under torch.distributed (same arguments)."""
+    state dict (rank 0 writes common.pt). Collective under torch.distributed (same arguments).
+
+    The result is what megatron-core's dist_checkpointing loads at ANY TP/EP/PP/DP layout:
+    - `.metadata` + `__R_K.distcp`: every tensor under its global key with its global shape
+      (one chunk each), ShardedObjects as bytes under their unique keys (`torch.save([data])`);
+    - `common.pt`: the non-tensor state (args, iteration, optimizer param groups, ...);
+    - `metadata.json`: `{"sharded_backend": "torch_dist", ...}`, written last.
+    Under torchrun the tensors are split among the ranks (balanced by bytes): each rank produces
+    and writes its share, DCP's coordinator (rank 0) writes the index. Every file is fsynced."""
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1

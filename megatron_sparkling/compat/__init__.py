@@ -1,0 +1,1 @@
+"""CPU bridges for megatron-core and megatron.training; optimizer workarounds."""

@@ -1,31 +1,10 @@
 """Run megatron-core 0.16.1 on a machine with no GPU (CPU tensors, gloo).
 
 megatron-core assumes CUDA in many places. This module bridges each of them WITHOUT editing
-megatron-core's installed files, and only when no GPU is present (`apply()` is a no-op where
-`torch.cuda.is_available()`). Every bridge is listed in `APPLIED` so a run can print what it changed.
-
-What is bridged, and why:
-1. `torch.cuda.current_device()` answers "cpu": rope, router and experts build tensors with
-   `device=torch.cuda.current_device()`.
-2. CUDA RNG: `torch.cuda.manual_seed/get_rng_state/set_rng_state` and tensor_parallel.random's
-   `_get_cuda_rng_state/_set_cuda_rng_state` act on the CPU generator. Megatron's RNG tracker
-   (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`) then keeps separate,
-   correctly seeded CPU streams for the data-, tensor- and expert-parallel regions, and the RNG
-   state saved in a checkpoint restores exactly.
-3. `moe_utils.te_general_gemm` is referenced even without Transformer Engine (NameError in
-   0.16.1): defined as None.
-4. CUDA streams and events (MoE alltoall dispatcher, DDP set-up, shared experts): inert stand-ins,
-   since CPU work is synchronous anyway.
-5. The alltoall dispatcher passes split sizes to `all_to_all_single`; megatron moves only CUDA
-   tensors to host lists, so CPU tensors are converted here.
-6. Hard-coded `device='cuda'` tensors and `param.type() == 'torch.cuda.FloatTensor'` checks in the
-   optimizer, grad scaler, grad clipping and checkpoint exchange code: a process-wide
-   `TorchFunctionMode` maps cuda devices to cpu, makes `Tensor.cuda()` the identity and reports
-   CPU float tensors with their CUDA type names.
-7. `torch.cuda.synchronize/empty_cache/memory_*`: no-ops or zeros.
-8. The RNG tracker warns "CPU RNG state changed within GPU RNG context" whenever a forked
-   region draws random numbers; with item 2 the "GPU" stream IS the CPU generator, so the
-   warning is expected and filtered out (the states are still kept apart by the tracker).
+megatron-core's installed files, and only when `needed()` (no usable GPU, or
+MEGATRON_SPARKLING_FORCE_CPU=1; elsewhere `apply()` is a no-op). Every bridge is listed in
+`APPLIED` so a run can print what it changed; what is bridged, and why: the comment above
+`apply()`.
 
 GPU-only features stay GPU-only (see README): Transformer Engine layers and fused kernels, apex,
 grouped GEMM, fp16/bf16/fp8 mixed precision numerics, NCCL, CUDA graphs.
@@ -121,7 +100,7 @@ def _is_cuda(device) -> bool:
 
 
 class CudaToCpuMode(TorchFunctionMode):
-    """Maps every request for a CUDA tensor to the CPU (see item 6 of the module docstring)."""
+    """Maps every request for a CUDA tensor to the CPU (see item 6 of the list above `apply()`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -137,6 +116,28 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# What is bridged, and why:
+# 1. `torch.cuda.current_device()` answers "cpu": rope, router and experts build tensors with
+#    `device=torch.cuda.current_device()`.
+# 2. CUDA RNG: `torch.cuda.manual_seed/get_rng_state/set_rng_state` and tensor_parallel.random's
+#    `_get_cuda_rng_state/_set_cuda_rng_state` act on the CPU generator. Megatron's RNG tracker
+#    (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`) then keeps separate,
+#    correctly seeded CPU streams for the data-, tensor- and expert-parallel regions, and the RNG
+#    state saved in a checkpoint restores exactly.
+# 3. `moe_utils.te_general_gemm` is referenced even without Transformer Engine (NameError in
+#    0.16.1): defined as None.
+# 4. CUDA streams and events (MoE alltoall dispatcher, DDP set-up, shared experts): inert stand-ins,
+#    since CPU work is synchronous anyway.
+# 5. The alltoall dispatcher passes split sizes to `all_to_all_single`; megatron moves only CUDA
+#    tensors to host lists, so CPU tensors are converted here.
+# 6. Hard-coded `device='cuda'` tensors and `param.type() == 'torch.cuda.FloatTensor'` checks in the
+#    optimizer, grad scaler, grad clipping and checkpoint exchange code: a process-wide
+#    `TorchFunctionMode` maps cuda devices to cpu, makes `Tensor.cuda()` the identity and reports
+#    CPU float tensors with their CUDA type names.
+# 7. `torch.cuda.synchronize/empty_cache/memory_*`: no-ops or zeros.
+# 8. The RNG tracker warns "CPU RNG state changed within GPU RNG context" whenever a forked
+#    region draws random numbers; with item 2 the "GPU" stream IS the CPU generator, so the
+#    warning is expected and filtered out (the states are still kept apart by the tracker).
 def apply() -> list[str]:
     """Install the bridges once per process; returns what was applied (empty on a GPU)."""
     global _DONE, _MODE

@@ -2,24 +2,14 @@
 
 Every other module asks this table; nothing else parses parameter names. Keys are the global
 (unsharded) keys megatron-core's `sharded_state_dict()` and torch_dist checkpoints use, e.g.
-
     decoder.layers.mlp.experts.experts.linear_fc1.weight     (L, E, 2f, h)   stacked layers
     decoder.layers.3.mlp.linear_fc1.weight                    (2F, h)         per-layer key
-
 Homogeneous layers are stored with the layer index as a leading axis ("stacked"); mixed stacks
 (e.g. dense and MoE layers via --moe-layer-freq) are stored per layer, `decoder.layers.{i}.`.
 Optimizer state in model space carries the model key behind a prefix
-(`optimizer.state.exp_avg.<model key>`); `split_state_key` separates the two.
-
-Each tensor dimension has an `Axis` (what it counts) and a `Role` (how it behaves when that axis
-grows):
-- OUT: output rows of a linear (fan-out when the axis grows: new rows);
-- IN: input columns of a linear (fan-in: new columns, and a rescale to keep the output's scale);
-- GAIN: a norm's per-unit scale;
-- UNIT: an index over whole units (layers, experts, vocabulary rows, positions).
-Two packed layouts exist on disk and are described by `Packing`:
-- GLU: SwiGLU fc1 rows are [gate; up], two halves of the FFN size each (whatever the TP size);
-- QKV: fused QKV rows are grouped per query group, [q_1 .. q_{np/ng}, k, v] x ng, each head_dim rows.
+(`optimizer.state.exp_avg.<model key>`); `split_state_key` separates the two. Each tensor
+dimension is a `Dim`: an `Axis` (what it counts), a `Role` (how it behaves when that axis
+grows) and a `Packing`.
 """
 from __future__ import annotations
 
@@ -45,6 +35,12 @@ class Axis(str, enum.Enum):
 
 
 class Role(str, enum.Enum):
+    """How a dimension behaves when its axis grows:
+    - OUT: output rows of a linear (fan-out when the axis grows: new rows);
+    - IN: input columns of a linear (fan-in: new columns, and a rescale to keep the output's
+      scale);
+    - GAIN: a norm's per-unit scale;
+    - UNIT: an index over whole units (layers, experts, vocabulary rows, positions)."""
     OUT = "out"
     IN = "in"
     GAIN = "gain"
@@ -52,6 +48,11 @@ class Role(str, enum.Enum):
 
 
 class Packing(str, enum.Enum):
+    """The two packed layouts on disk:
+    - GLU: SwiGLU fc1 rows are [gate; up], two halves of the FFN size each (whatever the TP
+      size);
+    - QKV: fused QKV rows are grouped per query group, [q_1 .. q_{np/ng}, k, v] x ng, each
+      head_dim rows."""
     NONE = "none"
     GLU = "glu"
     QKV = "qkv"

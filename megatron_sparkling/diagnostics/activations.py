@@ -1,21 +1,10 @@
 """Activation figures of a live megatron-core GPTModel on a batch: RMS per site, loss, logits.
 
 `ActivationProbe` hooks a model (forward hooks, removed on exit) and pools, over every batch it
-runs, the sum of squares and the element count of:
-- the residual stream at the input and output of every transformer layer (site "layer");
-- the input and output of every norm (the final norm's input is the residual stream after the
-  last layer);
-- the input x and output y of every linear: QKV, attention output, dense fc1/fc2, each routed
-  expert's fc1/fc2 (per expert, over the tokens routed to it, AND pooled per layer over all the
-  layer's experts: site with expert None), shared-expert fc1/fc2, the router (y = the gating
-  logits, recomputed in fp32 from the router's weight) and the output layer (y = the logits).
+runs, the sum of squares and the element count of each site (listed on the class).
 RMS = sqrt(mean of squares over all elements of all batches); r = RMS(y) / RMS(x). A linear's y
 includes its bias when the module returns it separately. The loss is megatron-core's per-token
 cross entropy, averaged over loss-mask tokens (no auxiliary MoE loss: the model runs in eval mode).
-
-With Transformer Engine's fused LayerNormLinear the input norm is part of linear_qkv / fc1: there
-is no norm site, and that linear's x is the residual stream before the norm.
-
 Needs the whole model in this process (1 rank: TP = PP = EP = CP = 1).
 """
 from __future__ import annotations
@@ -129,7 +118,19 @@ def forward_loss(model, batch: dict):
 
 class ActivationProbe:
     """Figures of one model pooled over batches: `run(batch)` does one forward pass with hooks
-    on (returning the batch's logits [s, b, V]); `figures()` gives the pooled figures."""
+    on (returning the batch's logits [s, b, V]); `figures()` gives the pooled figures.
+
+    Sites:
+    - the residual stream at the input and output of every transformer layer (site "layer");
+    - the input and output of every norm (the final norm's input is the residual stream after
+      the last layer);
+    - the input x and output y of every linear: QKV, attention output, dense fc1/fc2, each
+      routed expert's fc1/fc2 (per expert, over the tokens routed to it, AND pooled per layer
+      over all the layer's experts: site with expert None), shared-expert fc1/fc2, the router
+      (y = the gating logits, recomputed in fp32 from the router's weight) and the output layer
+      (y = the logits).
+    With Transformer Engine's fused LayerNormLinear the input norm is part of linear_qkv / fc1:
+    there is no norm site, and that linear's x is the residual stream before the norm."""
 
     def __init__(self, model):
         self.model = model

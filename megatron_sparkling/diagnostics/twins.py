@@ -5,24 +5,9 @@ copies (its twin). Copies of a unit receive identical gradients as long as they 
 and with identical optimizer state they stay identical for ever ("symmetry lock"); a method that
 breaks the symmetry makes the cosine between a new unit and its twin fall below 1 in training.
 
-A unit's vector is the concatenation of its slices in every tensor that has the unit's axis:
-    hidden        embedding columns, norm gains, fan-out rows (attention output, fc2 of the dense
-                  MLP, of every expert and of the shared expert) and fan-in columns (QKV, fc1,
-                  router, output layer) across all layers: one vector per hidden unit
-    expert_ffn    one expert's fc1 rows (gate and up halves) and fc2 columns, per layer and expert
-    dense_ffn / shared_ffn
-                  fc1 rows (gate and up) and fc2 columns, per layer
-    heads         the head's q rows in the fused QKV and its attention-output columns, per layer
-    qkv_groups    a query group's k and v rows in the fused QKV, per layer
-    expert        the whole expert (fc1, fc2) and its router row, per layer
-    layer         a whole stacked layer slice (depth growth; stacked checkpoint keys only)
-The twin's vector is built from the same elements of the twin unit, element by element along
-the plan's element maps (so GLU halves, grouped QKV rows and heads line up). Fresh new units
-(no twin) are counted and left out.
-
 `twin_cosines` is pure tensor code on global tensors by checkpoint key (a model's weights, its
-gradients, or a checkpoint's tensors); `model_gradients` gives the gradient tensors of a live
-1-rank model on a batch.
+gradients, or a checkpoint's tensors; what a unit's vector is: its docstring); `model_gradients`
+gives the gradient tensors of a live 1-rank model on a batch.
 """
 from __future__ import annotations
 
@@ -171,7 +156,23 @@ def _unit_map(plan: GrowthPlan, label: str):
 
 
 def twin_cosines(tensors: dict, plan: GrowthPlan, swiglu: Optional[bool] = None) -> dict:
-    """Axis label -> TwinFigures, from global tensors of the GROWN model by checkpoint key."""
+    """Axis label -> TwinFigures, from global tensors of the GROWN model by checkpoint key.
+
+    A unit's vector is the concatenation of its slices in every tensor that has the unit's axis:
+        hidden      embedding columns, norm gains, fan-out rows (attention output, fc2 of the
+                    dense MLP, of every expert and of the shared expert) and fan-in columns
+                    (QKV, fc1, router, output layer) across all layers: one vector per hidden unit
+        expert_ffn  one expert's fc1 rows (gate and up halves) and fc2 columns, per layer and
+                    expert
+        dense_ffn / shared_ffn
+                    fc1 rows (gate and up) and fc2 columns, per layer
+        heads       the head's q rows in the fused QKV and its attention-output columns, per layer
+        qkv_groups  a query group's k and v rows in the fused QKV, per layer
+        expert      the whole expert (fc1, fc2) and its router row, per layer
+        layer       a whole stacked layer slice (depth growth; stacked checkpoint keys only)
+    The twin's vector is built from the same elements of the twin unit, element by element along
+    the plan's element maps (so GLU halves, grouped QKV rows and heads line up). Fresh new units
+    (no twin) are counted and left out."""
     swiglu = plan.spec.source.swiglu if swiglu is None else swiglu
     acc = _Accumulator()
     labels = set()

@@ -1,5 +1,5 @@
 """Per-element learning rates inside megatron-core's optimizers: which elements are new, and a
-step hook that gives them their own learning rate.
+step hook that gives them their own learning rate (`ScaledMaskedSteps`).
 
 Masks. A growth record says which elements of every GLOBAL tensor are new (`GrowthPlan.new_mask`).
 A live model holds local shards of those tensors (TP/EP/PP), and megatron-core's optimizers step
@@ -8,12 +8,6 @@ masks follow the same path: `model_param_masks` cuts each parameter's local mask
 mask with the model's own `sharded_state_dict()` (keys, offsets, ShardedTensorFactory for SwiGLU
 fc1, global expert index at EP > 1); `optimizer_masks` maps them onto the main params each inner
 torch optimizer steps (a DistributedOptimizer shard takes its range of the flattened parameter).
-
-Scaling. `ScaledMaskedSteps` registers torch optimizer step hooks: before a step it keeps the masked
-elements, after it replaces each by `before + ratio * (after - before)`, with `ratio(group)` per
-param group. For AdamW, Adam with L2 decay, SGD with momentum, the change a step makes is
-`lr * f(state, grad, param)` with the optimizer state updated independently of lr, so this equals a
-step run with `ratio * lr` for those elements, update and weight-decay term alike.
 """
 from __future__ import annotations
 
@@ -178,7 +172,14 @@ def count_masked(opt_masks: list) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------- the step hook
 class ScaledMaskedSteps:
-    """Scales what each step of the inner optimizers changes in masked elements by `ratio(group)`."""
+    """Scales what each step of the inner optimizers changes in masked elements by `ratio(group)`.
+
+    It registers torch optimizer step hooks: before a step it keeps the masked elements, after it
+    replaces each by `before + ratio * (after - before)`, with `ratio(group)` per param group.
+    For AdamW, Adam with L2 decay, SGD with momentum, the change a step makes is
+    `lr * f(state, grad, param)` with the optimizer state updated independently of lr, so this
+    equals a step run with `ratio * lr` for those elements, update and weight-decay term alike.
+    """
 
     def __init__(self, opt_masks: list, ratio: Callable[[dict], float]):
         self.opt_masks = opt_masks

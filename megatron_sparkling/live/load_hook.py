@@ -2,26 +2,13 @@
 
 A run started with the WIDER sizes and `--load` pointing at a NARROW checkpoint: the loader sees
 that the checkpoint's stored args give other sizes than the run's, reads the checkpoint one
-global tensor at a time (checkpoint/reader.py), grows each with the growth method
-(`--sparkling-method`, `--sparkling-seed`; the same streaming as `megatron-sparkling expand`,
-checkpoint/growing.py), cuts every rank's shards of the live model and optimizer out of the grown
-tensors (checkpoint/memory.py: any TP/EP/PP layout), restores iteration, data position and
+global tensor at a time (checkpoint/source.py), grows each with the growth method
+(`--sparkling-method`, `--sparkling-seed`; the same stream as `megatron-sparkling expand`,
+checkpoint/grown.py), cuts every rank's shards of the live model and optimizer out of the grown
+tensors (live/state.py's `fill_live`: any TP/EP/PP layout), restores iteration, data position and
 scheduler as a normal load does, and installs the asymmetric re-warmup of the new elements
-(schedule.install_rewarmup; the growth record travels in the scheduler's state from then on).
-The result equals `expand` followed by a normal load (same method and seed); the RNG state is not
-carried over (as `expand` does by default: a grown model draws other dropout masks anyway).
-
-Entry points:
-- `install()`: what a Megatron-LM user calls before `pretrain(...)` (patches/ does it in
-  pretrain_gpt.py): wraps `megatron.training.checkpointing.load_checkpoint` (and the name
-  `megatron.training.training` imported from it) when Megatron-LM is importable, else this
-  package's own loader (`megatron_sparkling.training.checkpointing.load_checkpoint`);
-- `add_args(parser)`: the `--sparkling-*` flags, an `extra_args_provider` for Megatron-LM's
-  `pretrain(..., extra_args_provider=...)` (re-warmup flags included, added once);
-- `load_checkpoint(args, model, optimizer, scheduler, ...)`: this package's loader with growth,
-  what the pre-training loop (training/loop.py) calls.
-Normal loads go through unchanged, followed by `rewarmup.rewarmup_after_load` (a checkpoint grown
-by `expand`, or one saved inside a re-warmup, re-warms its new elements).
+(`rewarmup.install_rewarmup`; the growth record travels in the scheduler's state from then on).
+Entry points: see the comment above `growing`.
 """
 from __future__ import annotations
 
@@ -155,7 +142,9 @@ def on_growth(listener) -> None:
 def grow_into(args, model, optimizer, scheduler, growth: PendingGrowth,
               strict: bool = True) -> tuple[int, float]:
     """Load the grown checkpoint into the live (wide) model, optimizer and scheduler; returns
-    (iteration, num_floating_point_operations_so_far) as a load does."""
+    (iteration, num_floating_point_operations_so_far) as a load does. The result equals `expand`
+    followed by a normal load (same method and seed); the RNG state is not carried over (as
+    `expand` does by default: a grown model draws other dropout masks anyway)."""
     src, grower = growth.src, growth.grower
     load_optim = (optimizer is not None and not src.release and not args.finetune
                   and not args.no_load_optim and src.optimizer is not None)
@@ -188,9 +177,22 @@ def grow_into(args, model, optimizer, scheduler, growth: PendingGrowth,
 
 
 # ---------------------------------------------------------------------------- loaders
+# Entry points:
+# - `megatron_sparkling.install()`: what a Megatron-LM user calls before `pretrain(...)`
+#   (patches/ does it in pretrain_gpt.py): wraps `megatron.training.checkpointing.load_checkpoint`
+#   (and the name `megatron.training.training` imported from it) when Megatron-LM is importable
+#   (`install_megatron_lm`), else this package's own loader
+#   (`megatron_sparkling.training.checkpointing.load_checkpoint`, through `growing`);
+# - `add_args(parser)`: the `--sparkling-*` flags, an `extra_args_provider` for Megatron-LM's
+#   `pretrain(..., extra_args_provider=...)` (re-warmup flags included, added once);
+# - this package's `load_checkpoint(args, model, optimizer, scheduler, ...)` wrapped by
+#   `growing`: what the pre-training loop (training/loop.py) calls.
 def growing(load_checkpoint):
     """Wrap this package's loader `load_checkpoint(args, model, optimizer, scheduler,
-    load_dir=None, strict=True)` with growth on load and the re-warmup after a normal load."""
+    load_dir=None, strict=True)` with growth on load and the re-warmup after a normal load.
+
+    Normal loads go through unchanged, followed by `rewarmup.rewarmup_after_load` (a checkpoint
+    grown by `expand`, or one saved inside a re-warmup, re-warms its new elements)."""
     if getattr(load_checkpoint, GROWING, False):
         return load_checkpoint
 

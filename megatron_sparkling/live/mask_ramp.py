@@ -5,14 +5,6 @@ forward hooks on a live model (nothing in Megatron is edited); m = clamp((iterat
 start_iteration) / ramp_steps, 0, 1) is read at every forward of each model chunk, so it works
 with our Pretrainer (`iteration_fn=lambda: trainer.iteration`) and with Megatron-LM's loop
 (`lambda: get_args().curr_iteration`). At m = 1 every hook is a no-op.
-
-What is masked (units new in the plan; each module's local TP/EP shard found through the
-model's own sharded_state_dict, so any parallel layout works):
-- new FFN units (dense, shared, expert) and new heads: the fc2 / linear_proj INPUT columns x m;
-- new hidden coordinates: every residual-stream writer's OUTPUT (word and position embeddings,
-  linear_proj, every fc2) x m, and every hidden norm (input, pre-MLP, final) computed by
-  operators.norms.masked_norm: statistics over old units plus m-weighted new ones, new outputs
-  x m. At m = 0 the new coordinates are exactly zero and every old value is the small model's.
 Needs standalone norm modules (Megatron's local spec: torch RMSNorm/LayerNorm, apex
 FusedLayerNorm); Transformer Engine's fused LayerNormLinear has no separate norm to hook and is
 refused at install.
@@ -34,6 +26,16 @@ MASKED_INPUT_AXES = (Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.HEAD
 
 
 class MaskRamp:
+    """What is masked (units new in the plan; each module's local TP/EP shard found through the
+    model's own sharded_state_dict, so any parallel layout works):
+    - new FFN units (dense, shared, expert) and new heads: the fc2 / linear_proj INPUT columns
+      x m;
+    - new hidden coordinates: every residual-stream writer's OUTPUT (word and position
+      embeddings, linear_proj, every fc2) x m, and every hidden norm (input, pre-MLP, final)
+      computed by operators.norms.masked_norm: statistics over old units plus m-weighted new
+      ones, new outputs x m. At m = 0 the new coordinates are exactly zero and every old value
+      is the small model's.
+    """
     def __init__(self, plan: GrowthPlan, start_iteration: int, ramp_steps: int):
         if ramp_steps < 1:
             raise ValueError(f"ramp_steps must be at least 1 (got {ramp_steps})")

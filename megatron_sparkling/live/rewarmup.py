@@ -2,27 +2,13 @@
 
 After growth at scheduler step t_e (megatron-core's OptimizerParamScheduler counts samples), OLD
 elements keep the base schedule, untouched. NEW elements (element-wise, inside mixed tensors too,
-from the growth record) follow, per parameter group (decoupled-LR groups keep their own max/min):
-
-    eta_new(t) = eta_e + (R - 1) * eta_e * (t - t_e) / W             for t_e <= t < t_e + W
-    eta_new(t) = the base decay style, from R * eta_e at t_e + W down to min-lr at the base's end
-
-with eta_e the base schedule's LR at t_e, R = --sparkling-rewarmup-peak-ratio (1.3) and W =
---sparkling-rewarmup-iters (250) iterations. The decay part is megatron-core's own formula (cosine,
-linear, WSD, inverse-square-root, constant) evaluated with the ramp's end as its warmup end.
+from the growth record) follow, per parameter group, eta_new (`NewElementSchedule`): a linear
+ramp from the base LR eta_e to R * eta_e over W iterations, then the base decay style.
 Scope "all" (the paper's weaker ablation) gives every element eta_new: the group LR itself is set.
 Scope "new" keeps the group LR on the base schedule and scales what each step changes in new
 elements by eta_new / eta (element_lr.py): exact for AdamW, update and weight-decay term alike.
-
-Persistence: the scheduler becomes a `RewarmupScheduler` whose state_dict (Megatron-LM stores it as
-`opt_param_scheduler` in the checkpoint's common state) carries the re-warmup state under
-`sparkling_rewarmup`: t_e, W, R, scope, the base schedule's parameters and the growth record (the
-mask source). A run resumed inside the ramp continues it exactly. Without growth nothing is
-installed: the scheduler stays megatron-core's and the optimizer has no hooks.
-
-Entry points: `install_rewarmup` (a fresh growth, e.g. from an in-memory growth hook),
-`rewarmup_after_load` (what the pre-training loop calls after loading a checkpoint),
-`add_rewarmup_args` (the flags), `lr_figures` (what to log).
+Persistence: `RewarmupState`. Entry points: `install_rewarmup` (a fresh growth),
+`rewarmup_after_load` (after a checkpoint load), `add_rewarmup_args` (flags), `lr_figures` (logs).
 """
 from __future__ import annotations
 
@@ -123,7 +109,18 @@ def _lr_formula(base: dict, **changes):
 
 
 class NewElementSchedule:
-    """eta_new(group, t) for a growth at `growth_step`, from a frozen copy of the base schedule."""
+    """eta_new(group, t) for a growth at `growth_step`, from a frozen copy of the base schedule.
+
+    Per parameter group (decoupled-LR groups keep their own max/min):
+
+        eta_new(t) = eta_e + (R - 1) * eta_e * (t - t_e) / W      for t_e <= t < t_e + W
+        eta_new(t) = the base decay style, from R * eta_e at t_e + W
+                     down to min-lr at the base's end
+
+    with eta_e the base schedule's LR at t_e, R = --sparkling-rewarmup-peak-ratio (1.3) and W =
+    --sparkling-rewarmup-iters (250) iterations. The decay part is megatron-core's own formula
+    (cosine, linear, WSD, inverse-square-root, constant) evaluated with the ramp's end as its
+    warmup end."""
 
     def __init__(self, base: dict, growth_step: int, warmup_steps: int, peak_ratio: float):
         self.base = dict(base)
@@ -159,7 +156,13 @@ class NewElementSchedule:
 @dataclass
 class RewarmupState:
     """Everything a resumed run needs to continue the re-warmup exactly (plain types and tensors,
-    as the checkpoint's common state allows)."""
+    as the checkpoint's common state allows).
+
+    The scheduler becomes a `RewarmupScheduler` whose state_dict (Megatron-LM stores it as
+    `opt_param_scheduler` in the checkpoint's common state) carries this state under
+    `sparkling_rewarmup`: t_e, W, R, scope, the base schedule's parameters and the growth record
+    (the mask source). A run resumed inside the ramp continues it exactly. Without growth nothing
+    is installed: the scheduler stays megatron-core's and the optimizer has no hooks."""
     growth_step: int          # t_e, in scheduler steps (samples)
     warmup_steps: int         # W, in scheduler steps
     warmup_iters: int         # W, in iterations

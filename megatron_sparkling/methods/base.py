@@ -5,17 +5,8 @@ A growth method decides (1) the plan: which source unit each grown unit copies, 
 tensor, for the weights (fp32 main params included) and for each optimizer state
 (`grow_tensor`). Methods are pure tensor code: no files, no torch.distributed, one tensor at a
 time, so a converter can stream a checkpoint of any size and an in-memory hook can grow a live
-model the same way.
-
-State kinds passed as `kind` (inferred from an optimizer key's prefix when not given) are the
-names in core/layout.py's STATE_KINDS table:
-    "param"       model weights and the optimizer's fp32 main params (the same values)
-    "exp_avg"     Adam first moment            "exp_avg_sq"  Adam second moment
-    "momentum"    Muon / SGD momentum buffer
-
-Besides tensors, a checkpoint holds modules' `_extra_state` ShardedObjects (Transformer Engine's
-FP8 metadata; None with the local spec), one per layer and expert: `Grower.grow_objects` gives
-the grown model's objects (a new expert's or layer's is a copy of its source's).
+model the same way. `Grower.grow_objects` grows modules' `_extra_state` ShardedObjects
+(Transformer Engine's FP8 metadata; None with the local spec).
 """
 from __future__ import annotations
 
@@ -30,6 +21,11 @@ from megatron_sparkling.core.layout import Axis
 from megatron_sparkling.core.plan import GrowthPlan, UnitMap
 from megatron_sparkling.core.spec import GrowthSpec, ParallelLayout, validate
 
+# State kinds passed as `kind` (inferred from an optimizer key's prefix when not given) are the
+# names in core/layout.py's STATE_KINDS table:
+#     "param"       model weights and the optimizer's fp32 main params (the same values)
+#     "exp_avg"     Adam first moment            "exp_avg_sq"  Adam second moment
+#     "momentum"    Muon / SGD momentum buffer
 STATE_KINDS = layout_lib.KIND_NAMES
 
 
@@ -119,7 +115,8 @@ class Grower:
         return self.method.grow_tensor(key, tensor, kind, self.layout(key), self.plan)
 
     def grow_objects(self, key: str, objects: dict) -> dict:
-        """The grown model's ShardedObjects of one `_extra_state` key.
+        """The grown model's ShardedObjects of one `_extra_state` key (one object per layer
+        and expert: Transformer Engine's FP8 metadata; None with the local spec).
 
         `objects` maps unique keys (`<key>/shard_<offset>_<shape>`, as `ShardedObject.unique_key`
         and `memory.gather_global` give them) to their data, for every shard of `key`. Returns

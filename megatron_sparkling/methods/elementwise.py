@@ -7,13 +7,6 @@ For one stored tensor (weights, fp32 main params, or one optimizer moment):
    norm when embeddings are tied, then method extras (`finish_weight`: staged's block zeros,
    HyperCloning's cancelling noise);
 3. optimizer moments: the method's state rule (`operators.optimizer`).
-
-Randomness is seeded per (growth seed, model key), so a weight and its fp32 main param (grown in
-separate calls, maybe in separate processes) draw the same values.
-
-Layers: a stacked tensor's layer dimension is copied along `plan.units[Axis.LAYER]` like any
-axis (identity unless depth grows). A layer with no source (depth growth's fresh layers) is filled
-by `fresh_layer_rule` (set by a depth method, see operators/depth.py); without one it is refused.
 """
 from __future__ import annotations
 
@@ -40,7 +33,9 @@ FreshLayerRule = Callable[[str, str, layout_lib.TensorLayout, torch.Tensor, int,
 
 
 def generator_for(seed: int, key: str, salt: str = "") -> torch.Generator:
-    """A generator seeded by the growth seed and the MODEL key (optimizer prefix removed)."""
+    """A generator seeded by the growth seed and the MODEL key (optimizer prefix removed), so a
+    weight and its fp32 main param (grown in separate calls, maybe in separate processes) draw
+    the same values."""
     model_key = layout_lib.split_state_key(key)[1]
     return torch.Generator().manual_seed(
         (int(seed) * 1_000_003 + zlib.crc32(f"{model_key}|{salt}".encode())) % (2 ** 63))
@@ -77,6 +72,9 @@ class ElementwiseGrowth(GrowthMethod):
     state_rule = "reset_new"
     # Depth hooks (set by a depth method composing with this one): the layer unit map to use
     # instead of the plan's, and the rule that fills layers with no source (-1 in that map).
+    # A stacked tensor's layer dimension is copied along plan.units[Axis.LAYER] like any axis
+    # (identity unless depth grows); a layer with no source (depth growth's fresh layers) is
+    # filled by fresh_layer_rule (see operators/depth.py); without one it is refused.
     layer_map: Optional[UnitMap] = None
     fresh_layer_rule: Optional[FreshLayerRule] = None
 

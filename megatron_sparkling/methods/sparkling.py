@@ -1,18 +1,7 @@
 """SPARKLING (arXiv 2602.02472): RMS-scale-consistent width growth with an asymmetric reset.
 
-- fan-out rows: copied from twins (new_units="copy", the default), or fresh: N(0, sigma^2) with
-  sigma the tensor's own std ("random"), or drawn from the tensor's own values ("empirical");
-  never rescaled;
-- fan-in columns: W' = alpha [W, W_new], alpha on OLD and NEW columns alike, so that every
-  linear keeps RMS(y)/RMS(x): copy-copy 1/sqrt(1 + 3c) (0 < c <= 1) or 1/(1 + c) (c > 1),
-  fresh sqrt(n/n') (operators.width.sparkling_alpha). At integer factors copy-copy is exactly
-  Net2Net's split: the function is preserved;
-- norm gains copied (fresh units: drawn from the gain's own values), never rescaled; with tied
-  embeddings the output side's fan-in factor is folded into decoder.final_layernorm;
-- experts: a new expert copies a source expert and its router row in every mode (routing is
-  exact at E' = kE with top-k x k: see methods/net2net.py);
-- optimizer: S' = [S, 0] (old state kept unscaled, new elements zero). Ablations with the same
-  weights: copy-opt (state copied to twins), drop-opt (all state zero).
+The `sparkling` method and its two ablations with the same weights: copy-opt (optimizer state
+copied to twins) and drop-opt (all state zero). The rules are listed on `Sparkling`.
 """
 from __future__ import annotations
 
@@ -26,6 +15,21 @@ NEW_UNITS = ("copy", "random", "empirical")
 
 @register
 class Sparkling(ElementwiseGrowth):
+    """SPARKLING's rules:
+
+    - fan-out rows: copied from twins (new_units="copy", the default), or fresh: N(0, sigma^2)
+      with sigma the tensor's own std ("random"), or drawn from the tensor's own values
+      ("empirical"); never rescaled;
+    - fan-in columns: W' = alpha [W, W_new], alpha on OLD and NEW columns alike, so that every
+      linear keeps RMS(y)/RMS(x): copy-copy 1/sqrt(1 + 3c) (0 < c <= 1) or 1/(1 + c) (c > 1),
+      fresh sqrt(n/n') (operators.width.sparkling_alpha). At integer factors copy-copy is
+      exactly Net2Net's split: the function is preserved;
+    - norm gains copied (fresh units: drawn from the gain's own values), never rescaled; with
+      tied embeddings the output side's fan-in factor is folded into decoder.final_layernorm;
+    - experts: a new expert copies a source expert and its router row in every mode (routing is
+      exact at E' = kE with top-k x k: see methods/net2net.py);
+    - optimizer: S' = [S, 0] (old state kept unscaled, new elements zero).
+    """
     name = "sparkling"
     state_rule = "reset_new"
 

@@ -1,21 +1,11 @@
 """Staged training's width doubling (Shen et al. 2022, arXiv 2203.06211): two copies of the model
 side by side, W -> [[W, 0], [0, W]].
 
-Per tensor, with units tiled (copy c of unit u is unit u + c n) and every grown width axis at the
-same integer factor k:
-- output and input dimensions both grown: block-diagonal, copy c of an output reads only copy
-  c of the input (each model copy reads its own copy of the residual stream);
-- only the output grown (embeddings, norm gains, biases, QKV rows when only heads grow): tiled;
-- only the input grown (router, shared-expert gate, output layer, fc2 when only the FFN grows):
-  tiled and divided by k (the copies' contributions are averaged);
-- tied embeddings: the output's 1/k is folded into the final norm (the paper's "final norm
-  halved" at k = 2).
-Experts (any integer multiple): copies, as for every copying method.
-Optimizer: moments laid out like the weights (off-diagonal blocks zero), then m / k and v / k^2
-(momentum / k) for tensors that grew, so Adam's update m/sqrt(v) equals the small model's.
-Off-diagonal blocks receive gradient once training resumes (each copy's input is the sum of both
-copies' outputs through the shared router and the residual), so the copies do not stay
-independent: tests/test_width.py measures how fast the off-diagonal blocks fill in.
+Every grown width axis grows by the same integer factor k (experts: any integer multiple,
+copied); the per-tensor rules are listed on `Staged`. Off-diagonal blocks receive gradient once
+training resumes (each copy's input is the sum of both copies' outputs through the shared
+router and the residual), so the copies do not stay independent: tests/test_width.py measures
+how fast the off-diagonal blocks fill in.
 """
 from __future__ import annotations
 
@@ -37,6 +27,21 @@ def _out_in(lay):
 
 @register
 class Staged(ElementwiseGrowth):
+    """Per tensor, with units tiled (copy c of unit u is unit u + c n) and every grown width
+    axis at the same integer factor k:
+    - output and input dimensions both grown: block-diagonal, copy c of an output reads only
+      copy c of the input (each model copy reads its own copy of the residual stream);
+    - only the output grown (embeddings, norm gains, biases, QKV rows when only heads grow):
+      tiled;
+    - only the input grown (router, shared-expert gate, output layer, fc2 when only the FFN
+      grows): tiled and divided by k (the copies' contributions are averaged);
+    - tied embeddings: the output's 1/k is folded into the final norm (the paper's "final norm
+      halved" at k = 2).
+    Experts (any integer multiple): copies, as for every copying method.
+    Optimizer: moments laid out like the weights (off-diagonal blocks zero), then m / k and
+    v / k^2 (momentum / k) for tensors that grew, so Adam's update m/sqrt(v) equals the small
+    model's.
+    """
     name = "staged"
     preserves_function = True
     state_rule = "staged"

@@ -8,22 +8,8 @@ layer taking a source layer is the old one, later copies are new:
 - alternate: layer i -> f*i .. f*i + f-1 at an integer factor f (staged training's doubling).
 - interpolate (Apollo): target layer i takes source layer int(i / (L'/L)), any factor
   (3 -> 12: 0,0,0,0,1,1,1,1,2,2,2,2; the same as alternate at integer factors).
-- identity: placed like stack (or `DepthOptions.placement`), copies of their twins whose
-  residual-writing projections are zero, so every new layer is an exact identity.
-- random: placed like stack (or `placement`), fresh layers (source -1) drawn as megatron-core
-  initialises them (`fresh_layer_tensor`).
-
-Why identity zeroes output projections and not staged training's norm gains: with zero RMSNorm
-gains a new layer's sublayers see an all-zero input, so its router scores every expert alike (top-k
-by ties) and its QKV, fc1 and router get no gradient until the gains move. With zero output
-projections (attention linear_proj, dense/expert/shared-expert fc2, and their biases) the copied
-input side keeps working (real routing, real features) and the layer still adds nothing to the
-residual stream; the zero projections get gradient from the first step.
-
-Stacked (homogeneous) tensors carry the layer as a leading axis: the map indexes it directly.
-Per-layer keys (`decoder.layers.{i}.`, mixed dense/MoE stacks) are renamed: `source_key`.
-Optimizer state of new layers is reset to zero (default) or copied from the twin
-(`DepthOptions.new_state`); fresh layers' state is zero.
+- identity (twins with zero residual-writing projections: `writes_residual`) and random (fresh
+  layers, `fresh_layer_tensor`): placed like stack (or `DepthOptions.placement`).
 """
 from __future__ import annotations
 
@@ -43,7 +29,15 @@ from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, GrowthSpecErr
 # ---------------------------------------------------------------------------- new layers
 def writes_residual(lay: layout_lib.TensorLayout) -> bool:
     """A layer's linear weight or bias whose output is the hidden (residual) axis: attention
-    linear_proj, dense / expert / shared-expert fc2."""
+    linear_proj, dense / expert / shared-expert fc2.
+
+    The identity depth method zeroes these in new layers (copies of their twins), so every new
+    layer is an exact identity. Why output projections and not staged training's norm gains:
+    with zero RMSNorm gains a new layer's sublayers see an all-zero input, so its router scores
+    every expert alike (top-k by ties) and its QKV, fc1 and router get no gradient until the
+    gains move. With zero output projections (and their biases) the copied input side keeps
+    working (real routing, real features) and the layer still adds nothing to the residual
+    stream; the zero projections get gradient from the first step."""
     if lay.kind not in (Kind.LINEAR_WEIGHT, Kind.LINEAR_BIAS) or not (
             lay.stacked or lay.layer is not None):
         return False
@@ -150,7 +144,12 @@ def finish_new_layers(target_key: str, tensor: torch.Tensor, kind: str,
     """Apply the depth method to the NEW layers of an already grown tensor (target shape, copied
     along the layer map by any width method): fresh layers drawn by `fresh` (state zero), identity
     layers' residual projections zeroed, new layers' optimizer state reset unless copied.
-    Old layers are untouched. This is the hook width methods call after their copy."""
+    Old layers are untouched. This is the hook width methods call after their copy.
+
+    Stacked (homogeneous) tensors carry the layer as a leading axis: the map indexes it directly;
+    per-layer keys (`decoder.layers.{i}.`, mixed dense/MoE stacks) are renamed (`source_key`).
+    Optimizer state of new layers is reset to zero (default) or copied from the twin
+    (`DepthOptions.new_state`); fresh layers' state is zero."""
     lay = layout_lib.resolve(layout_lib.split_state_key(target_key)[1], swiglu)
     rows = _new_rows(lay, lmap)
     if rows is None or not bool(rows[0].any()):

@@ -2,18 +2,7 @@
 
 Kinds: the moments of core/layout.py's STATE_KINDS table: "exp_avg" (Adam m), "exp_avg_sq"
 (Adam v), "momentum" (Muon/SGD buffer). The fp32 main params ("param") are weights and follow
-the method's weight rule, not these.
-
-Rules (`STATE_RULES`), applied to the state gathered along the tensor's element maps:
-- "reset_new": SPARKLING's asymmetric reset S' = [S, 0]: old elements keep their state exactly
-  (not rescaled, even where alpha rescaled the weights), every new element starts at zero;
-- "copy": twins copy their source's state (Net2Net, copy-opt); fresh elements zero;
-- "zero_all": every element zero (drop-opt);
-- "staged": staged training's doubling: the state laid out as the weight ([[S, 0], [0, S]] where
-  the weight is block-diagonal), then m / k and v / k^2 (momentum / k), so that Adam's update
-  m / sqrt(v) equals the small model's for each copy.
-Old elements sit where the element maps put them (old heads move inside the fused QKV layout):
-"old" means "same source element, copy 0", not "same index".
+the method's weight rule, not these. The rules (`STATE_RULES`) are described on `grow_state`.
 """
 from __future__ import annotations
 
@@ -32,6 +21,18 @@ MOMENT_KINDS = tuple(k.name for k in STATE_KINDS if k.moment)
 def grow_state(state: torch.Tensor, maps: Sequence[UnitMap], kind: str, rule: str,
                factor: int = 1, structure: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The grown optimizer state of one tensor.
+
+    Rules (`STATE_RULES`), applied to the state gathered along the tensor's element maps:
+    - "reset_new": SPARKLING's asymmetric reset S' = [S, 0]: old elements keep their state
+      exactly (not rescaled, even where alpha rescaled the weights), every new element starts
+      at zero;
+    - "copy": twins copy their source's state (Net2Net, copy-opt); fresh elements zero;
+    - "zero_all": every element zero (drop-opt);
+    - "staged": staged training's doubling: the state laid out as the weight ([[S, 0], [0, S]]
+      where the weight is block-diagonal), then m / k and v / k^2 (momentum / k), so that
+      Adam's update m / sqrt(v) equals the small model's for each copy.
+    Old elements sit where the element maps put them (old heads move inside the fused QKV
+    layout): "old" means "same source element, copy 0", not "same index".
 
     `factor` (k) and `structure` (bool, grown shape: False where the weight is a structural
     zero, e.g. off-diagonal blocks) are used by the "staged" rule only."""

@@ -3,17 +3,12 @@
 Pure torch on whole (global) tensors: no files, no torch.distributed. A `UnitMap` per tensor
 dimension (from `GrowthPlan.tensor_maps`) says, for every element index of the grown dimension,
 which source index it copies (-1: a fresh element with no twin). Growing a tensor is:
-
 1. `gather`: copy every element from its source along every dimension at once (old elements
    keep their values; twins copy them);
-2. `fill_fresh`: give elements with a fresh coordinate (any dimension's source is -1) values by a
-   rule: zeros, a constant, N(0, std^2) (a given std, or the tensor's own std), or draws from the
-   tensor's own values (its empirical distribution);
+2. `fill_fresh`: give elements with a fresh coordinate (any dimension's source is -1) values by
+   a rule (`FILL_RULES`; statistics per leading unit slice: per layer, per expert);
 3. fan-in rescaling (`scale_along`) with the factors below: Net2Net's split among copies
    (`split_factors`), SPARKLING's RMS-consistent `sparkling_alpha`.
-
-Statistics for "own std" and "empirical" are taken per leading unit slice (per layer, per expert:
-`unit_dims`), so a new expert's or layer's values look like its own source's, not the average.
 """
 from __future__ import annotations
 
@@ -71,7 +66,8 @@ def fill_fresh(grown: torch.Tensor, mask: torch.Tensor, rule: str, source: torch
 
     rule: "zeros"; "constant" (`value`); "normal" (N(0, std^2); std None: the standard deviation
     of the source unit slice); "empirical" (values drawn with replacement from the source unit
-    slice). Slices are over the leading `unit_dims` dimensions (layers, experts)."""
+    slice). Slices are over the leading `unit_dims` dimensions (layers, experts), so a new
+    expert's or layer's values look like its own source's, not the average."""
     if rule not in FILL_RULES:
         raise ValueError(f"unknown fill rule {rule!r}; one of {FILL_RULES}")
     if rule in ("zeros", "constant"):

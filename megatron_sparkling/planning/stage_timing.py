@@ -5,20 +5,8 @@ The law (Kaplan et al., as staged training uses it, at the critical batch size):
     L(N, S) = (N_c / N)^a_N + (2 S_c / S)^a_S
 
 N: non-embedding parameters, S: optimizer steps. Published constants (a starting point):
-N_c = 8.8e13, S_c = 2.1e3, a_N = 0.076, a_S = 0.76.
-
-Fit (`fit`): for a fixed a_S the law is linear in the floors A_j = (N_c/N_j)^a_N (one per curve)
-and B = (2 S_c)^a_S (shared), so each a_S is solved by least squares and a_S itself by a
-bracketing search; N_c and a_N come from the floors (a log-linear fit over two or more model
-sizes; with one size a_N is given, the published value by default).
-
-Growth point (`growth_point`): a model of N parameters costs c = 6 N T FLOPs a step (T tokens a
-step). Grow to N' when the small model's loss-per-FLOP slope falls to the grown model's slope at
-the same loss. At loss l, with x = l - A and x' = l - A', the slope magnitudes are
-a_S x^(1+1/a_S) B^(-1/a_S) / c, so they are equal when x / x' = (N/N')^(a_S/(1+a_S)) = r, i.e.
-at l* = (A - r A') / (1 - r). The grown model continues from S_eff, where its own curve has l*.
-Saving at equal loss: a budget C trains the big model from scratch for S_tot = C / c' steps to
-L(N', S_tot); staged reaches the same loss with S_grow c + (S_tot - S_eff) c'.
+N_c = 8.8e13, S_c = 2.1e3, a_N = 0.076, a_S = 0.76. `fit` fits it to curves; `growth_point`
+says when to grow (slope matching) and what that saves.
 """
 from __future__ import annotations
 
@@ -93,7 +81,12 @@ def _solve_linear(curves, a_s):
 def fit(curves: Sequence[Curve], a_n: Optional[float] = None,
         a_s_range=(0.05, 3.0)) -> Fit:
     """Fit the law to one or more curves (same batch size). With one model size `a_n` is
-    fixed (default: the published 0.076); with two or more it is fitted unless given."""
+    fixed (default: the published 0.076); with two or more it is fitted unless given.
+
+    For a fixed a_S the law is linear in the floors A_j = (N_c/N_j)^a_N (one per curve) and
+    B = (2 S_c)^a_S (shared), so each a_S is solved by least squares and a_S itself by a
+    bracketing search; N_c and a_N come from the floors (a log-linear fit over two or more model
+    sizes; with one size a_N is given, the published value by default)."""
     curves = [c for c in curves]
     for c in curves:
         if len(c.steps) < 4 or len(c.steps) != len(c.losses):
@@ -169,7 +162,16 @@ def slope_per_flop(law: ScalingLaw, n: float, loss: float, flops_per_step: float
 def growth_point(law: ScalingLaw, params: float, target_params: float, budget_flops: float,
                  flops_per_step: float, target_flops_per_step: float) -> GrowthAdvice:
     """When to grow an N-parameter model to N' (slope matching), and the compute it saves
-    against training N' from scratch on the same budget (at equal final loss)."""
+    against training N' from scratch on the same budget (at equal final loss).
+
+    A model of N parameters costs c = 6 N T FLOPs a step (T tokens a step). Grow to N' when the
+    small model's loss-per-FLOP slope falls to the grown model's slope at the same loss. At
+    loss l, with x = l - A and x' = l - A', the slope magnitudes are
+    a_S x^(1+1/a_S) B^(-1/a_S) / c, so they are equal when x / x' = (N/N')^(a_S/(1+a_S)) = r,
+    i.e. at l* = (A - r A') / (1 - r). The grown model continues from S_eff, where its own curve
+    has l*. Saving at equal loss: a budget C trains the big model from scratch for
+    S_tot = C / c' steps to L(N', S_tot); staged reaches the same loss with
+    S_grow c + (S_tot - S_eff) c'."""
     if target_params <= params:
         raise StageTimingError(f"target parameters {target_params:.4g} must exceed the current "
                                f"{params:.4g}")

@@ -1,0 +1,1 @@
+"""This project's Megatron-LM-style pre-training loop; grows only through live/state.py."""

@@ -1,20 +1,10 @@
 """Apollo's low-value-prioritized sampling (LVPS): N unique layers, each step run at a sampled
 depth L in [N, L_max] that shares them by interpolation; stages grow N by interpolation.
 
-    --sparkling-lvps-unique-layers 1 2 4      N of each stage (LVPS on when given); --num-layers
-                                              is L_max, the depth every step samples up to
-    --sparkling-lvps-stage-starts 0.3 0.6     where stages 2.. begin, as fractions of
-                                              --train-iters (default: equal stages)
-    --sparkling-lvps-new-state reset|copy     optimizer state of the layers a stage adds
-
-Sampling (methods.md): ratio = L_max/N, begin = ratio + 0.4, end = 0.6, x_min = 1e-6,
-n = (begin x_min - end)/(end - begin), m = end (n + 1), x ~ U(x_min, 1),
-y = clip(m / (x + n), 1, ratio), L = int(y N): depths near N are drawn most often.
-The depth-L network runs unique layer int(i / (L/N)) at position i. Evaluation runs L_max.
-
-Layers run by an index list through forward hooks on megatron-core's TransformerBlock
-(`LayerSchedule`): the block's `layers` ModuleList is swapped for the scheduled one for the
-duration of its forward, so a layer used twice gets the sum of both gradients.
+Flags: `add_flags` (--num-layers is L_max, the depth every step samples up to). Depths near N
+are drawn most often (`lvps_depth`; the curve is described above X_MIN). The depth-L network
+runs unique layer int(i / (L/N)) at position i (`interpolation_indices`, run by
+`LayerSchedule`). Evaluation runs L_max.
 """
 from __future__ import annotations
 
@@ -30,6 +20,9 @@ from megatron_sparkling.mcore.model import unwrap
 from megatron_sparkling.operators.depth import FreshInit, LayerGrowth
 from megatron_sparkling.training.arguments import ArgumentError
 
+# Sampling (methods.md): ratio = L_max/N, begin = ratio + 0.4, end = 0.6, x_min = 1e-6,
+# n = (begin x_min - end)/(end - begin), m = end (n + 1), x ~ U(x_min, 1),
+# y = clip(m / (x + n), 1, ratio), L = int(y N): depths near N are drawn most often.
 X_MIN = 1e-6
 END = 0.6
 BEGIN_OFFSET = 0.4
@@ -74,7 +67,9 @@ class LayerSchedule:
     """Runs a TransformerBlock's layers by an index list (repeats allowed), without editing it.
 
     `train_indices` applies while the block is in training mode, `eval_indices` in eval mode;
-    None runs the block's own layers."""
+    None runs the block's own layers. Through forward hooks on megatron-core's TransformerBlock,
+    the block's `layers` ModuleList is swapped for the scheduled one for the duration of its
+    forward, so a layer used twice gets the sum of both gradients."""
 
     def __init__(self, block):
         self.block = block
@@ -117,6 +112,12 @@ def executed_flops_per_iteration(args, indices: Sequence[int]) -> float:
 
 # ---------------------------------------------------------------------------- training mode
 def add_flags(parser):
+    """--sparkling-lvps-unique-layers 1 2 4      N of each stage (LVPS on when given); --num-layers
+                                              is L_max, the depth every step samples up to
+    --sparkling-lvps-stage-starts 0.3 0.6     where stages 2.. begin, as fractions of
+                                              --train-iters (default: equal stages)
+    --sparkling-lvps-new-state reset|copy     optimizer state of the layers a stage adds
+    """
     g = parser.add_argument_group("megatron_sparkling LVPS (Apollo)")
     g.add_argument("--sparkling-lvps-unique-layers", type=int, nargs="+", default=None,
                    help="Unique layers N of each stage (increasing); every step runs a depth "

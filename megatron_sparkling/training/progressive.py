@@ -1,19 +1,11 @@
 """Zero/one-layer progressive training (Bu et al.): train a 0- or 1-layer model for most of the
 run, then grow in process to the full depth (--num-layers) and keep training.
 
-    --sparkling-progressive-start-layers 0|1|...   the depth trained first (off when unset)
-    --sparkling-progressive-grow-at 0.8            growth point, a fraction of --train-iters
-    --sparkling-progressive-new-layers copy|random new layers copy the trained layers ("copy
-                                                   all": stack placement) or are fresh
-    --sparkling-progressive-new-state reset|copy   new layers' optimizer state
-
-The paper grows inside the stable phase of a WSD schedule (e.g. --lr-decay-style WSD
---lr-warmup-fraction 0.02 --lr-wsd-decay-iters 0.1 x --train-iters): growth keeps the learning
-rate and weight decay of the schedule (the same optimizer step and scheduler position). A
-resumed run whose checkpoint is past the growth point starts at full depth.
-
-Compute: tau x FLOPs(small) + (T - tau) x FLOPs(full) per iteration; `planned_compute` gives it
-beside the fixed-depth run's T x FLOPs(full), for benchmarks.
+Flags: `add_flags`. The paper grows inside the stable phase of a WSD schedule (e.g.
+--lr-decay-style WSD --lr-warmup-fraction 0.02 --lr-wsd-decay-iters 0.1 x --train-iters):
+growth keeps the learning rate and weight decay of the schedule (the same optimizer step and
+scheduler position). A resumed run whose checkpoint is past the growth point starts at full
+depth. `planned_compute` gives the compute beside the fixed-depth run's, for benchmarks.
 """
 from __future__ import annotations
 
@@ -28,6 +20,12 @@ from megatron_sparkling.training.arguments import ArgumentError
 
 
 def add_flags(parser):
+    """--sparkling-progressive-start-layers 0|1|...   the depth trained first (off when unset)
+    --sparkling-progressive-grow-at 0.8            growth point, a fraction of --train-iters
+    --sparkling-progressive-new-layers copy|random new layers copy the trained layers ("copy
+                                                   all": stack placement) or are fresh
+    --sparkling-progressive-new-state reset|copy   new layers' optimizer state
+    """
     g = parser.add_argument_group("megatron_sparkling progressive depth")
     g.add_argument("--sparkling-progressive-start-layers", type=int, default=None,
                    help="Train this many layers (0 or 1 in the paper) first, then grow to "
