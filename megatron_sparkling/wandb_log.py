@@ -152,17 +152,17 @@ def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
     """Loss and logit change of the growth just loaded (1 rank): the narrow model is rebuilt from
     the checkpoint beside the grown one and both run on the first validation batches."""
     from megatron_sparkling.diagnostics import compare, diagnostic_batches
-    from megatron_sparkling.live import state as memory
+    from megatron_sparkling.live import state
     from megatron_sparkling.mcore import model as model_lib
 
     narrow_args = growth.spec.source.apply_to_args(args)
     narrow = model_lib.build_model(narrow_args, wrap_with_ddp=False)
-    memory.load_model_global_tensors(
+    state.load_model_global_tensors(
         narrow, {k: growth.src.read_model(k) for k in growth.src.model_tensors})
     batch_list, _ = diagnostic_batches(args, batches)
     report = compare(narrow, model_lib.unwrap(model), batch_list)
     del narrow
-    memory.reset_moe_loss_tracker()
+    state.reset_moe_loss_tracker()
     for chunk in model:
         chunk.train()
     return diagnostics_summary(report)

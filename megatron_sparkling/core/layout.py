@@ -327,7 +327,7 @@ def object_axes(key: str, swiglu: bool = True) -> tuple:
 def layer_key(key: str, layer: int) -> str:
     """The per-layer key of one layer of a stacked key, optimizer prefix kept:
     `decoder.layers.mlp.router.weight` -> `decoder.layers.3.mlp.router.weight`. The converter
-    streams stacked tensors layer by layer under these keys (see checkpoint/convert.py)."""
+    streams stacked tensors layer by layer under these keys (see checkpoint/expand.py)."""
     prefix, model_key = split_state_key(key)
     m = _LAYER_KEY.match(model_key)
     if not m or m.group(1) is not None:

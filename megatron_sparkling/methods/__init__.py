@@ -1,7 +1,7 @@
 """Growth methods, one small module each, all behind `base.GrowthMethod`, chosen by name.
 
 Width methods: sparkling (default), copy-opt and drop-opt (its ablations), copy (Net2Net),
-hypercloning, staged, msg (with masked_growth.MaskRamp at run time), zero, random.
+hypercloning, staged, msg (with live.mask_ramp.MaskRamp at run time), zero, random.
 """
 from megatron_sparkling.methods.base import REGISTRY, GrowthMethod, Grower, get_method, register
 from megatron_sparkling.methods import (  # noqa: F401  (registers the methods)

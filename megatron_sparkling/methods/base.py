@@ -119,7 +119,7 @@ class Grower:
         and expert: Transformer Engine's FP8 metadata; None with the local spec).
 
         `objects` maps unique keys (`<key>/shard_<offset>_<shape>`, as `ShardedObject.unique_key`
-        and `memory.gather_global` give them) to their data, for every shard of `key`. Returns
+        and `live.state.gather_global` give them) to their data, for every shard of `key`. Returns
         the grown model's unique keys and data: each object dimension (layer, expert) follows
         its plan unit map; a new unit's object is a deep copy of its source's (TE: the twin's
         FP8 metadata); a unit with no source gets None (the module's default state)."""

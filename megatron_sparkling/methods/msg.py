@@ -6,7 +6,7 @@ their router rows), as in every copying method: no mask is needed there (see met
 for when routing is exact). Optimizer: S' = [S, 0].
 
 The function is preserved by the runtime mask, not by the weights: megatron_sparkling.
-masked_growth.MaskRamp multiplies new FFN units and new heads (fc2 / linear_proj inputs) and new
+live.mask_ramp.MaskRamp multiplies new FFN units and new heads (fc2 / linear_proj inputs) and new
 hidden coordinates (embedding, linear_proj and fc2 outputs) by m, computes hidden norms over old
 units plus m-weighted new ones, and ramps m from 0 at the growth iteration to 1 after
 `ramp_steps` iterations. Without the ramp installed the grown model is NOT the small model's
@@ -21,7 +21,7 @@ from megatron_sparkling.methods.elementwise import WIDTH_PLAN_AXES, ElementwiseG
 @register
 class MaskedStructuralGrowth(ElementwiseGrowth):
     name = "msg"
-    preserves_function = True   # with masked_growth.MaskRamp installed at mask 0
+    preserves_function = True   # with live.mask_ramp.MaskRamp installed at mask 0
     needs_runtime_mask = True    # so checkpoint paths (expand, growth on load) refuse it
     fresh_axes = WIDTH_PLAN_AXES
     fresh_weights = "normal"

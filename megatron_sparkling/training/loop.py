@@ -19,7 +19,7 @@ import torch
 
 from megatron_sparkling import wandb_log
 from megatron_sparkling.live import load_hook
-from megatron_sparkling.live import rewarmup as schedule
+from megatron_sparkling.live import rewarmup
 from megatron_sparkling.live.state import carry_position
 from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.mcore import model as model_lib
@@ -219,7 +219,7 @@ class Pretrainer:
             "flops": self.num_floating_point_operations_so_far,
             "elapsed ms": (time.time() - start) * 1000.0,
         }
-        record.update(schedule.lr_figures(self.scheduler))
+        record.update(rewarmup.lr_figures(self.scheduler))
         record.update(self._moe_metrics())
         self._record(record)
         return record
@@ -302,7 +302,7 @@ class Pretrainer:
         line += f" consumed samples: {record['consumed samples']:12d} |"
         line += f" elapsed time per iteration (ms): {record['elapsed ms']:.1f} |"
         line += f" learning rate: {record['learning rate']:.6E} |"
-        for key in (schedule.NEW_LR, schedule.OLD_LR):
+        for key in (rewarmup.NEW_LR, rewarmup.OLD_LR):
             if key in record:
                 line += f" {key}: {record[key]:.6E} |"
         line += f" global batch size: {args.global_batch_size:5d} |"
