@@ -6,8 +6,6 @@ import contextlib
 import os
 import sys
 
-from megatron_sparkling.methods import REGISTRY
-
 
 def _pretrain(argv):
     from megatron_sparkling.training.loop import pretrain
@@ -151,6 +149,8 @@ def _target_sizes() -> tuple:
 
 
 def expand_parser() -> argparse.ArgumentParser:
+    from megatron_sparkling.methods import REGISTRY
+
     p = argparse.ArgumentParser(
         prog="megatron-sparkling expand",
         description="Grow a Megatron checkpoint (or, with no size changed, convert its format) "

@@ -18,6 +18,14 @@ from typing import Optional
 
 import torch
 
+from megatron_sparkling.checkpoint.base import expected_shape
+from megatron_sparkling.checkpoint.source import open_checkpoint
+from megatron_sparkling.core.record import growth_record, rewarmup_settings
+from megatron_sparkling.core.sizes import WIDTH_FIELDS
+from megatron_sparkling.diagnostics import compare, diagnostic_batches, verify_checkpoints
+from megatron_sparkling.live import state
+from megatron_sparkling.mcore import model as model_lib
+
 PREFIX = "sparkling/"
 
 
@@ -94,8 +102,6 @@ def growth_event(iteration: int, record: dict, source: str, elements_before: int
                  elements_after: int, path: str, rewarmup=None) -> dict:
     """The growth event as flat figures; `record` is Grower.record() (method, seed, source and
     target shapes), `path` says where the growth ran ("expand" or "load hook")."""
-    from megatron_sparkling.core.sizes import WIDTH_FIELDS
-
     event = {"iteration": int(iteration), "method": record.get("method"),
              "seed": record.get("seed"), "source": source, "path": path,
              "elements_before": int(elements_before), "elements_after": int(elements_after),
@@ -151,10 +157,6 @@ def log_record(args, record: dict) -> None:
 def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
     """Loss and logit change of the growth just loaded (1 rank): the narrow model is rebuilt from
     the checkpoint beside the grown one and both run on the first validation batches."""
-    from megatron_sparkling.diagnostics import compare, diagnostic_batches
-    from megatron_sparkling.live import state
-    from megatron_sparkling.mcore import model as model_lib
-
     narrow_args = growth.spec.source.apply_to_args(args)
     narrow = model_lib.build_model(narrow_args, wrap_with_ddp=False)
     state.load_model_global_tensors(
@@ -170,8 +172,6 @@ def live_diagnostics(args, growth, model, batches: int = 2) -> Optional[dict]:
 
 def new_element_count(growth) -> tuple[int, int]:
     """(elements before, elements after) of a pending growth's stored model tensors."""
-    from megatron_sparkling.checkpoint.base import expected_shape
-
     before = after = 0
     for key, spec in growth.src.model_tensors.items():
         shape = expected_shape(key, growth.spec.target)
@@ -200,9 +200,6 @@ def log_hook_growth(args, growth, iteration: int, rewarmup, model) -> None:
 def log_expand(ns, result) -> Optional[dict]:
     """After `megatron-sparkling expand --wandb-project P`: the growth event from the written
     checkpoint's record and, at 1 process, the diagnostics summary (verify on 2 batches)."""
-    from megatron_sparkling.checkpoint.source import open_checkpoint
-    from megatron_sparkling.core.record import growth_record, rewarmup_settings
-
     if not enabled(ns) or not result.grown:
         return None
     grown = open_checkpoint(result.path, verify=False)
@@ -212,8 +209,6 @@ def log_expand(ns, result) -> Optional[dict]:
                          count(source), count(grown), "expand", rewarmup_settings(grown.common))
     summary = None
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        from megatron_sparkling.diagnostics import verify_checkpoints
-
         report = verify_checkpoints(ns.load, ns.save, ns.iteration, result.iteration,
                                     batches=2, twins=False)
         summary = diagnostics_summary(report)

@@ -17,17 +17,18 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling.core import layout as layout_lib
-from megatron_sparkling.core import plan as plan_lib
 from megatron_sparkling.checkpoint import optimizer_common, shadow
+from megatron_sparkling.checkpoint.base import object_bytes
 from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
 from megatron_sparkling.checkpoint.dcp import TensorSpec
 from megatron_sparkling.checkpoint.grown import DepthStream, GrownTensors, make_grower
+from megatron_sparkling.checkpoint.paths import CheckpointError
 from megatron_sparkling.checkpoint.source import open_checkpoint
 from megatron_sparkling.checkpoint.writer import write_torch_dist
+from megatron_sparkling.core import layout as layout_lib
+from megatron_sparkling.core import plan as plan_lib
 from megatron_sparkling.core.record import RECORD_KEY
 from megatron_sparkling.core.sizes import SIZES
-from megatron_sparkling.operators import depth as depth_lib
 from megatron_sparkling.core.spec import (
     DepthOptions,
     GrowthSpec,
@@ -36,9 +37,8 @@ from megatron_sparkling.core.spec import (
     ParallelLayout,
     validate,
 )
-from megatron_sparkling.checkpoint.paths import CheckpointError
-from megatron_sparkling.checkpoint.base import object_bytes
 from megatron_sparkling.methods.base import get_method
+from megatron_sparkling.operators import depth as depth_lib
 
 
 @dataclass

@@ -258,10 +258,9 @@ def _record_optimizers(optimizer, model_chunk) -> list[OptimizerLayout]:
 
 
 def _build_rank(args, rank: int, with_optimizer: bool) -> RankLayout:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     _, _, order = _generators(args)
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank,
@@ -281,7 +280,10 @@ def _build_rank(args, rank: int, with_optimizer: bool) -> RankLayout:
         tensors, shapes, objects = _record_tensors(chunk)
         optimizers = []
         if with_optimizer:
-            from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
+            from megatron.core.optimizer import (
+                get_megatron_optimizer,
+                get_standard_config_overrides,
+            )
 
             config = model_lib.optimizer_config_from_args(args)
             optimizer = get_megatron_optimizer(

@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
+from megatron_sparkling.checkpoint import optimizer_state, shadow
 from megatron_sparkling.checkpoint.base import SourceCheckpoint
 from megatron_sparkling.checkpoint.dcp import DcpCheckpoint
-from megatron_sparkling.checkpoint import optimizer_state
 from megatron_sparkling.checkpoint.legacy import LegacyCheckpoint
 from megatron_sparkling.checkpoint.paths import (
     TRACKER,
@@ -32,7 +32,6 @@ from megatron_sparkling.checkpoint.paths import (
     iteration_dir,
     read_tracker,
 )
-from megatron_sparkling.checkpoint import shadow
 
 CONVERT_HINT = ("load it once in Megatron-LM and save it with --ckpt-format torch_dist "
                 "(e.g. --ckpt-convert-format torch_dist --ckpt-convert-save DIR)")

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_sparkling.core.layout import Axis
-from megatron_sparkling.core.sizes import PARALLEL_NAMES, SIZES, WIDTH_FIELDS
 from megatron_sparkling.core.plan import (
     DEPTH_PLACEMENTS,
     grown_moe_pattern,
     placement_of,
     plan_layer_map,
 )
+from megatron_sparkling.core.sizes import PARALLEL_NAMES, SIZES, WIDTH_FIELDS
 
 
 class GrowthSpecError(ValueError):

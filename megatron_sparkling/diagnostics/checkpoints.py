@@ -25,7 +25,14 @@ from typing import Optional
 import torch
 
 from megatron_sparkling.checkpoint import paths
+from megatron_sparkling.compat.cpu import have_gpu, have_transformer_engine
 from megatron_sparkling.core.record import RECORD_KEY, RecordError, growth_record, plan_of
+from megatron_sparkling.core.sizes import SIZES
+from megatron_sparkling.core.spec import ModelShape
+from megatron_sparkling.diagnostics.report import compare
+from megatron_sparkling.mcore import model as model_lib
+from megatron_sparkling.training import arguments, checkpointing, data
+from megatron_sparkling.training import initialize as init
 
 
 class VerifyError(ValueError):
@@ -65,9 +72,6 @@ def common_state(path: str) -> dict:
 
 def one_rank_args(stored_args, data_path: Optional[list] = None):
     """A copy of a checkpoint's args that builds the whole model in one process."""
-    from megatron_sparkling.compat.cpu import have_gpu, have_transformer_engine
-    from megatron_sparkling.training import arguments
-
     args = copy.copy(stored_args)
     args.tensor_model_parallel_size = 1
     args.pipeline_model_parallel_size = 1
@@ -108,8 +112,6 @@ def one_rank_process(args):
     """torch.distributed and megatron-core parallel state for 1 rank, set up here and torn down
     after (or reused, when this process already runs a 1-rank model-parallel state)."""
     from megatron.core import parallel_state as mpu
-    from megatron_sparkling.training import initialize as init
-
     if torch.distributed.is_initialized():
         if torch.distributed.get_world_size() != 1 or not mpu.model_parallel_is_initialized():
             raise VerifyError("verify runs at 1 rank; launch it as a plain process, not under "
@@ -136,9 +138,6 @@ def one_rank_process(args):
 
 def load_model(root: str, iteration: int, args):
     """The model chunks of checkpoint `root` at `iteration`, loaded strictly (no DDP wrapper)."""
-    from megatron_sparkling.training import checkpointing
-    from megatron_sparkling.mcore import model as model_lib
-
     model = model_lib.build_model(args, wrap_with_ddp=False)
     args = copy.copy(args)
     args.ckpt_step = iteration
@@ -151,8 +150,6 @@ def load_model(root: str, iteration: int, args):
 def diagnostic_batches(args, count: int) -> tuple[list, str]:
     """(the first `count` micro-batches of the validation split, or of the training split where
     there is none; the split's name)."""
-    from megatron_sparkling.training import data
-
     tokenizer = data.build_tokenizer(args)
     sized = copy.copy(args)
     sized.eval_iters = max(1, -(-count * args.micro_batch_size // args.global_batch_size))
@@ -175,9 +172,6 @@ def plan_from_record(record: dict):
 
 
 def _check_plan_fits(plan, before_args, after_args) -> None:
-    from megatron_sparkling.core.sizes import SIZES
-    from megatron_sparkling.core.spec import ModelShape
-
     for side, shape, args in (("source", plan.spec.source, before_args),
                               ("target", plan.spec.target, after_args)):
         model = ModelShape.from_args(args)
@@ -193,8 +187,6 @@ def verify_checkpoints(before: str, after: str, before_iteration: Optional[int] 
                        after_iteration: Optional[int] = None, data_path: Optional[list] = None,
                        batches: int = 2, twins: bool = True):
     """The growth report of two checkpoint roots (see report.compare)."""
-    from megatron_sparkling.diagnostics.report import compare
-
     if batches < 1:
         raise VerifyError(f"--batches must be at least 1 (got {batches})")
     before_dir, before_iteration = checkpoint_dir(before, before_iteration)

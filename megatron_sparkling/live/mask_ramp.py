@@ -17,10 +17,10 @@ import torch
 
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis, Kind, Role
-from megatron_sparkling.operators import norms
 from megatron_sparkling.core.plan import GrowthPlan
 from megatron_sparkling.core.record import plan_of
 from megatron_sparkling.mcore.model import unwrap
+from megatron_sparkling.operators import norms
 
 MASKED_INPUT_AXES = (Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.HEADS)
 

@@ -16,7 +16,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-
 from megatron_sparkling.checkpoint.paths import checkpoint_dir_to_load
 from megatron_sparkling.core import record as record_lib
 from megatron_sparkling.core.record import growth_record, rewarmup_settings

@@ -23,7 +23,13 @@ import torch
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis, Kind, Role
 from megatron_sparkling.core.plan import UnitMap, plan_layer_map
-from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, GrowthSpecError, ModelShape, validate
+from megatron_sparkling.core.spec import (
+    DepthOptions,
+    GrowthSpec,
+    GrowthSpecError,
+    ModelShape,
+    validate,
+)
 
 
 # ---------------------------------------------------------------------------- new layers

@@ -35,6 +35,7 @@ from megatron_sparkling.live.state import (
     sharded_state_dict_metadata,
 )
 
+
 def _serializable(metadata: dict) -> dict:
     return {k: v for k, v in metadata.items() if k != "dp_cp_group"}
 

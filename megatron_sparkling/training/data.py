@@ -14,6 +14,7 @@ import os
 from typing import Iterator
 
 import torch
+
 from megatron_sparkling.compat.cpu import have_gpu
 
 

@@ -85,7 +85,6 @@ def shutdown() -> None:
     """Tear down what initialize() built, so a process can train again (tests do)."""
     from megatron.core import parallel_state as mpu
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
-
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     destroy_num_microbatches_calculator()

@@ -18,14 +18,12 @@ from functools import partial
 import torch
 
 from megatron_sparkling import wandb_log
-from megatron_sparkling.live import load_hook
-from megatron_sparkling.live import rewarmup
+from megatron_sparkling.live import load_hook, rewarmup
 from megatron_sparkling.live.state import carry_position
 from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.mcore import model as model_lib
-from megatron_sparkling.training import checkpointing, data, flops, growth
+from megatron_sparkling.training import checkpointing, data, flops, growth, lvps, progressive
 from megatron_sparkling.training.initialize import initialize, shutdown
-from megatron_sparkling.training import lvps, progressive
 
 
 def _training_modes():

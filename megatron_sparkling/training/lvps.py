@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_sparkling.checkpoint.paths import checkpoint_to_load
-from megatron_sparkling.training import flops
 from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
 from megatron_sparkling.mcore.model import unwrap
 from megatron_sparkling.operators.depth import FreshInit, LayerGrowth
+from megatron_sparkling.training import flops
 from megatron_sparkling.training.arguments import ArgumentError
 
 # Sampling (methods.md): ratio = L_max/N, begin = ratio + 0.4, end = 0.6, x_min = 1e-6,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import copy
 
 from megatron_sparkling.checkpoint.paths import checkpoint_to_load
-from megatron_sparkling.log import print_rank_0
-from megatron_sparkling.training import flops
 from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape, validate
+from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.operators.depth import FreshInit, LayerGrowth
+from megatron_sparkling.training import flops
 from megatron_sparkling.training.arguments import ArgumentError
 
 
