@@ -51,10 +51,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _note(message: str) -> None:
-    import torch
-
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(f" > note: {message}", flush=True)
+    print_rank_0(f" > note: {message}")
 
 
 def _small_args(args, start: int):
