@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := data/stdlib_text_document
 
-.PHONY: setup demo test test-quick clean
+.PHONY: setup demo test test-quick test-compat clean
 
 $(BIN)/.installed: setup.py requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,5 +25,18 @@ test: setup
 test-quick: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The quick suite against other megatron-core releases, each in its own venv (.venv-mcore-X):
+# 0.15.3, and 0.19.2 (it declares Python >= 3.12 but installs and runs on 3.11).
+COMPAT_VERSIONS ?= 0.15.3 0.19.2
+test-compat: $(addprefix compat-,$(COMPAT_VERSIONS))
+
+compat-%:
+	test -x .venv-mcore-$*/bin/python || $(PYTHON) -m venv .venv-mcore-$*
+	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check --ignore-requires-python \
+		torch==2.13.0 megatron-core==$* einops psutil tqdm pytest matplotlib wandb
+	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	.venv-mcore-$*/bin/python -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
+	.venv-mcore-$*/bin/python -m pytest -q -m "not slow"
+
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) .venv-mcore-* data runs

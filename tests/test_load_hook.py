@@ -119,6 +119,32 @@ def test_bad_growth_on_load_is_one_line(narrow, corpus_prefix, change, message):
     assert message in text and "\n" not in text, text
 
 
+def test_precision_aware_optimizer_state_is_refused_before_growing(narrow, corpus_prefix,
+                                                                   tmp_path):
+    """TE's precision-aware optimizer stores main-param remainders where the main params would be:
+    growing them would load garbage, so growth on load refuses (one line); weights alone grow."""
+    import shutil
+
+    from megatron_sparkling.checkpoint.paths import CheckpointError
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(narrow[0], root)
+    common_pt = root / f"iter_{SAVE_AT:07d}" / "common.pt"
+    common = torch.load(common_pt, weights_only=False)
+    common["args"].use_precision_aware_optimizer = True
+    torch.save(common, common_pt)
+    flags = tiny_moe_flags(corpus_prefix, load=str(root), **WIDE, **GROWTH)
+    with pytest.raises(CheckpointError) as info:
+        with megatron_run(flags):
+            pass
+    text = str(info.value)
+    assert "--use-precision-aware-optimizer" in text and "\n" not in text, text
+    weights_only = tiny_moe_flags(corpus_prefix, load=str(root), no_load_optim=True, **WIDE,
+                                  **GROWTH)
+    with megatron_run(weights_only) as trainer:
+        assert trainer.iteration == SAVE_AT
+
+
 def test_install_wraps_our_loader_once():
     import megatron_sparkling
     from megatron_sparkling.live import load_hook as hook

@@ -15,6 +15,7 @@ import torch
 
 from megatron_sparkling.checkpoint.paths import CheckpointError
 
+# What a target group is matched to its source group on (the options a run sets per group).
 IDENTITY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
 CONTENT_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
@@ -26,6 +27,24 @@ CONTENT_METADATA = {
 
 def _get(group: dict, key: str):
     return group.get(key, group.get("pre_" + key))
+
+
+def identifier_keys() -> tuple:
+    """The keys the installed megatron-core matches param groups on when it loads them (0.16:
+    IDENTITY; newer releases add max_lr, min_lr, start_wd, end_wd, optimizer): written from the
+    TARGET run's groups, so they equal what the relaunched optimizer asks for."""
+    try:
+        from megatron.core.optimizer.optimizer import param_group_identifier_keys
+    except ImportError:
+        return IDENTITY
+    return tuple(dict.fromkeys(tuple(param_group_identifier_keys) + IDENTITY))
+
+
+def _step_value(step):
+    """The group `step` as megatron-core writes it for fused Adam (an int: TE and apex pass it to
+    a kernel taking `int`); torch's Adam takes it as a tensor from either."""
+    step = float(step or 0)
+    return int(step) if step.is_integer() else step
 
 
 def _source_match(target_group: dict, source_groups: list) -> dict:
@@ -55,24 +74,27 @@ def build(target_optimizers: list, source_groups: list, step, grad_scaler=None):
     - FP32Optimizer (no distributed optimizer): `param_groups` and `state.common_step`.
     (fp16/bf16 params without the distributed optimizer would also need `fp32_param` tensors;
     that target is not written.)"""
-    step = float(step or 0)
+    step = _step_value(step)
+    identifiers = identifier_keys()
     entries = []
     for groups in target_optimizers:
-        with_step, plain = [], []
+        written = []
         for tg in groups:
             merged = copy.deepcopy(_source_match(tg, source_groups))
             merged.pop("params", None)
+            for key in identifiers:
+                if key in tg or "pre_" + key in tg:
+                    merged.pop("pre_" + key, None)
+                    merged[key] = _get(tg, key)
             merged["is_expert_parallel"] = bool(_get(tg, "is_expert_parallel"))
-            merged.pop("step", None)
-            plain.append(dict(merged))
-            merged["step"] = step
-            with_step.append(merged)
+            merged["step"] = step   # fused Adam keeps it per group (torch's Adam: common_step)
+            written.append(merged)
         entry = {
-            "optimizer": {"param_groups": with_step,
-                          "state": {"common_step": torch.tensor(step)}},
+            "optimizer": {"param_groups": written,
+                          "state": {"common_step": torch.tensor(float(step))}},
             "param_state_sharding_type": "fully_reshardable",
-            "param_groups": plain,
-            "state": {"common_step": torch.tensor(step)},
+            "param_groups": copy.deepcopy(written),
+            "state": {"common_step": torch.tensor(float(step))},
         }
         if grad_scaler is not None:
             entry["grad_scaler"] = copy.deepcopy(grad_scaler)

@@ -108,6 +108,12 @@ def pending_growth(args, load_dir: Optional[str]) -> Optional[PendingGrowth]:
                               f"{run.num_layers}; growth on load widens only: relaunch with "
                               f"--num-layers {source.num_layers}, or grow depth with "
                               "megatron-sparkling expand first")
+    if (getattr(stored, "use_precision_aware_optimizer", False) and not args.no_load_optim
+            and not args.finetune):
+        raise CheckpointError(f"{where} was saved with --use-precision-aware-optimizer: its "
+                              "optimizer holds main-param remainders, not fp32 main params, and "
+                              "cannot grow; relaunch with --no-load-optim (weights only) or "
+                              "re-save it without that flag")
     target = source.replace(**{f: getattr(run, f) for f in tuple(changed) + FOLLOWING_SIZES})
     try:
         options = parse_method_options(getattr(args, "sparkling_method_option", None),

@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from megatron_sparkling.checkpoint.paths import checkpoint_dir_to_load
 from megatron_sparkling.core import record as record_lib
 from megatron_sparkling.core.record import growth_record, rewarmup_settings
@@ -208,13 +210,22 @@ class Rewarmup:
         return self.schedule.lr(group, self.scheduler.num_steps)
 
     def ratio(self, group: dict) -> float:
-        lr = group["lr"]
+        lr = float(group["lr"])
         return self.lr_new(group) / lr if lr > 0 else 1.0
 
     def remove(self) -> None:
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
+
+
+def set_group_lr(group: dict, lr: float) -> None:
+    """Set a param group's LR as megatron-core's scheduler does: in place where the group holds
+    a tensor (newer megatron-core), else as a number."""
+    if isinstance(group.get("lr"), torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
 
 
 def _optimizer_param_scheduler_class():
@@ -237,7 +248,7 @@ def _make_rewarmup_scheduler_class():
             rewarmup = getattr(self, "rewarmup", None)
             if rewarmup is not None and rewarmup.state.scope == "all":
                 for group in self.optimizer.param_groups:
-                    group["lr"] = rewarmup.lr_new(group)
+                    set_group_lr(group, rewarmup.lr_new(group))
 
         def state_dict(self) -> dict:
             state = super().state_dict()
@@ -398,4 +409,4 @@ def lr_figures(scheduler) -> dict:
     group = _canonical_group(scheduler.optimizer.param_groups) if rewarmup is not None else None
     if group is None:
         return {}
-    return {NEW_LR: rewarmup.lr_new(group), OLD_LR: group["lr"]}
+    return {NEW_LR: rewarmup.lr_new(group), OLD_LR: float(group["lr"])}

@@ -238,14 +238,24 @@ def step_of(osd):
 
 def set_step(osd, step) -> None:
     """Every parameter continues at `step` (new ones too: megatron-core keeps one step per
-    optimizer)."""
+    optimizer). The distributed optimizer reads it from its param groups (fused Adam: an int;
+    a fresh optimizer's groups have none yet, so it is set, not only replaced); the fp32/fp16
+    optimizers from `state.common_step` (torch's Adam), and fused Adam there from the groups."""
+    as_int = int(float(step)) if float(step).is_integer() else float(step)
     for inner in _inner_states(osd):
-        if any("step" in g for g in inner["param_groups"]):
-            for g in inner["param_groups"]:
-                g["step"] = step
-        else:
-            inner.setdefault("state", {})["common_step"] = (
+        per_parameter = "state" in inner
+        if per_parameter:
+            inner["state"]["common_step"] = (
                 step.clone() if torch.is_tensor(step) else torch.tensor(float(step)))
+        if not per_parameter or _fused_adam():
+            for g in inner["param_groups"]:
+                g["step"] = as_int
+
+
+def _fused_adam() -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return bool(distrib_optimizer.HAVE_APEX_OR_TE)
 
 
 # ---------------------------------------------------------------------------- live model

@@ -210,7 +210,7 @@ class Pretrainer:
         record = {
             "iteration": self.iteration,
             "lm loss": self._reduce_lm_loss(reports),
-            "learning rate": self.optimizer.param_groups[0]["lr"],
+            "learning rate": float(self.optimizer.param_groups[0]["lr"]),
             "grad norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "skipped": not update_successful,
             "consumed samples": args.consumed_train_samples,
