@@ -96,8 +96,20 @@ def check_memory(largest_piece: int, what: str) -> None:
                               "target sizes")
 
 
+def _os_error(exc: BaseException) -> BaseException:
+    """The OSError behind `exc` (torch.save reports a failed write as a RuntimeError raised
+    while the OSError is handled), else `exc`."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
 def io_failure(exc: BaseException, where: str) -> Optional[CheckpointError]:
     """One line for an I/O failure while writing `where`; None if `exc` is not one."""
+    exc = _os_error(exc)
     code = getattr(exc, "errno", None)
     text = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
     free = shutil.disk_usage(existing_parent(where)).free

@@ -206,6 +206,7 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
                    desc=f"{desc} ({len({k for k, _, _ in mine})} tensors"
                         f"{f', rank {rank}' if distributed else ''})")
     stats = WriteStats()
+    failure = None
     try:
         planner = _StreamingSavePlanner(specs, mine, produce, objects if rank == 0 else {}, bar,
                                         stats)
@@ -214,10 +215,12 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
                                   thread_count=1, overwrite=False)
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=not distributed)
     except CheckpointException as e:
-        raise first_failure(e) from None
+        failure = first_failure(e)
     finally:
         if bar is not None:
             bar.close()
+    if failure is not None:   # raised here, not in the handler: its own __context__ is kept
+        raise failure
     if rank == 0:
         buf = io.BytesIO()
         torch.save(common, buf)
