@@ -295,6 +295,7 @@ def _expand(argv, request_hook=None):
                 raise
             if rank == 0:   # the other ranks raised the same error: one line in all
                 print(f"megatron-sparkling expand: error: {line}", file=sys.stderr, flush=True)
+            _report_to_torchrun(line)
             return 1
         if rank == 0:
             _report(result)
@@ -305,6 +306,27 @@ def _expand(argv, request_hook=None):
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _report_to_torchrun(line: str) -> None:
+    """Under torchrun: give the launcher the one line as this rank's error (its failure summary
+    shows it instead of a pointer to tracebacks), and let rank 0 finish its clean-up and print
+    before any rank exits (torchrun kills the others when the first exits)."""
+    import json
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=120))
+        except RuntimeError:
+            pass   # a rank that is gone: nothing to wait for
 
 
 def error_line(exc: BaseException, where: str):

@@ -384,3 +384,30 @@ def test_two_concurrent_writers_cannot_both_proceed(source, tmp_path):
                                 or "already holds a checkpoint" in lines[0]), err[-3000:]
     assert sorted(os.listdir(dst)) == [ITER, "latest_checkpointed_iteration.txt"]
     assert open_checkpoint(str(dst)).iteration == SAVE_AT
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_refusal_is_one_line_from_the_children(source, tmp_path):
+    """2 ranks on a corrupted source: the failing rank's error reaches rank 0 through DCP and
+    is printed once; no child prints a traceback; torchrun's failure summary carries the line
+    (the launcher's own ChildFailedError report stays torchrun's)."""
+    from conftest import free_port
+
+    bad = corrupted(source, tmp_path, ".exp_avg_sq", "sign")
+    before = tree_hashes(bad)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "megatron_sparkling.cli",
+                          "expand", "--no-progress", "--load", bad, "--save",
+                          str(tmp_path / "out"), "--moe-ffn-hidden-size", "256"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    lines = [line for line in text.splitlines() if line.startswith(ERROR)]
+    assert len(lines) == 1 and "negative values" in lines[0], text[-4000:]
+    assert not [line for line in text.splitlines()                  # no child's frames
+                if line.strip().startswith('File "') and "megatron_sparkling" in line], text
+    assert text.count("Traceback (most recent call last)") <= 1    # torchrun's own, if any
+    assert "traceback : exp_avg_sq of" in text, text[-4000:]
+    assert tree_hashes(bad) == before
+    nothing_loadable(tmp_path / "out")
