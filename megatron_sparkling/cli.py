@@ -40,9 +40,20 @@ def _verify(argv):
     parser.add_argument("--no-twins", action="store_true",
                         help="skip the twin-symmetry section (a backward pass of the grown model)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--max-loss-change", type=float, default=1e-2, metavar="NATS",
+                        help="fail (exit 1) when |loss after - loss before| exceeds this "
+                             "(default 0.01: function-preserving growth changes it by rounding)")
+    parser.add_argument("--max-logit-diff", type=float, default=0.1, metavar="X",
+                        help="fail (exit 1) when the largest |logit after - logit before| "
+                             "exceeds this (default 0.1: rounding, bf16 included)")
     ns = parser.parse_args(argv)
 
-    from megatron_sparkling.diagnostics.checkpoints import VerifyError, verify_checkpoints
+    from megatron_sparkling.diagnostics.checkpoints import (
+        BoundError,
+        VerifyError,
+        check_bounds,
+        verify_checkpoints,
+    )
     from megatron_sparkling.training.arguments import ArgumentError
     from megatron_sparkling.checkpoint.paths import CheckpointError
 
@@ -59,6 +70,11 @@ def _verify(argv):
         print(f"megatron-sparkling verify: {e}", file=sys.stderr)
         return 2
     print(report.to_json() if ns.json else report.to_text(), flush=True)
+    try:
+        check_bounds(report, ns.max_loss_change, ns.max_logit_diff)
+    except BoundError as e:
+        print(f"megatron-sparkling verify: failed: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -254,8 +270,6 @@ def _init_distributed() -> bool:
 def _expand(argv, request_hook=None):
     """`expand`; `request_hook(request)` lets tests pass a GrowthMethod instance."""
     from megatron_sparkling.checkpoint.expand import expand
-    from megatron_sparkling.core.spec import GrowthSpecError
-    from megatron_sparkling.checkpoint.paths import CheckpointError
 
     from megatron_sparkling import wandb_log
 
@@ -275,9 +289,13 @@ def _expand(argv, request_hook=None):
         rank = dist.get_rank() if dist.is_initialized() else 0
         try:
             result = expand(req)
-        except (CheckpointError, GrowthSpecError) as e:
-            if rank == 0:
-                print(f"megatron-sparkling expand: error: {e}", file=sys.stderr, flush=True)
+        except BaseException as e:
+            line = error_line(e, ns.save)
+            if line is None:
+                raise
+            if rank == 0:   # the other ranks raised the same error: one line in all
+                print(f"megatron-sparkling expand: error: {line}", file=sys.stderr, flush=True)
+            _report_to_torchrun(line)
             return 1
         if rank == 0:
             _report(result)
@@ -288,6 +306,47 @@ def _expand(argv, request_hook=None):
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _report_to_torchrun(line: str) -> None:
+    """Under torchrun: give the launcher the one line as this rank's error (its failure summary
+    shows it instead of a pointer to tracebacks), and let rank 0 finish its clean-up and print
+    before any rank exits (torchrun kills the others when the first exits)."""
+    import json
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=120))
+        except RuntimeError:
+            pass   # a rank that is gone: nothing to wait for
+
+
+def error_line(exc: BaseException, where: str):
+    """The one line for an error the user can act on (a refusal, an I/O or resource failure,
+    also when DCP wrapped it for a rank); None for a bug (the traceback is then the report)."""
+    from megatron_sparkling.checkpoint import resources
+    from megatron_sparkling.checkpoint.paths import CheckpointError
+    from megatron_sparkling.checkpoint.writer import first_failure
+    from megatron_sparkling.core.spec import GrowthSpecError
+
+    exc = first_failure(exc)
+    if isinstance(exc, (CheckpointError, GrowthSpecError)):
+        return str(exc)
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+        return ("out of memory while converting; run it on a machine with more memory, or "
+                "check the target sizes")
+    if isinstance(exc, (OSError, RuntimeError)):
+        failure = resources.io_failure(exc, where)
+        return None if failure is None else str(failure)
+    return None
 
 
 def _report(result) -> None:

@@ -49,6 +49,15 @@ class SourceCheckpoint:
     def read_object_bytes(self, unique_key: str) -> bytes:
         raise NotImplementedError
 
+    def check_manifest(self) -> Optional[dict]:
+        """Check the files against a manifest of checksums; None: the format has none."""
+        return None
+
+    def files_of(self, key: str, kind: Optional[str] = None) -> list[str]:
+        """The files (relative to `path`) holding a model tensor (kind None) or one kind of its
+        optimizer state: what a message about a damaged value names; [] when unknown."""
+        return []
+
     def files(self) -> list[str]:
         """Every file of the checkpoint (the converter hashes them to prove it wrote none)."""
         out = []

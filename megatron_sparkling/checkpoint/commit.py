@@ -5,15 +5,22 @@
     <save>/latest_checkpointed_iteration.txt        written last (tmp file, fsync, rename)
 
 A run killed at any point leaves no tracker naming an incomplete directory, so Megatron finds
-nothing to load (or the previous complete checkpoint); the staging folder of a killed run is
-removed by the next run. An existing checkpoint at the target is refused unless `overwrite`:
-then the new iteration replaces it only once the new one is complete.
+nothing to load (or the previous complete checkpoint). One writer at a time: `<save>/.sparkling-
+lock` is held (flock) from preparing to publishing, a second writer is refused in one line; the
+holder removes only staging folders provably abandoned (their owner file names a dead process,
+or none). An existing checkpoint at the target is refused unless `overwrite`: then the new
+iteration replaces it only once the new one is complete.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
+import json
 import os
 import shutil
+import socket
+import time
 import uuid
 
 from megatron_sparkling.checkpoint.writer import fsync_path, write_file_synced
@@ -25,6 +32,83 @@ from megatron_sparkling.checkpoint.paths import (
 
 STAGING_PREFIX = ".sparkling-tmp-"
 RETIRED_PREFIX = ".sparkling-old-"
+LOCK = ".sparkling-lock"
+OWNER = ".sparkling-owner"     # in a staging folder: {"pid", "host", "started"} of its writer
+OWN_PREFIX = ".sparkling-"     # names this module puts in --save besides the checkpoint
+
+
+class TargetLock:
+    """An exclusive flock on `<root>/.sparkling-lock`, refused (CheckpointError) while another
+    process holds it. The kernel drops it when its holder dies (kill -9 included)."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, LOCK)
+        self.fd = -1
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_owner(fd)
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise CheckpointError(
+                    f"--save {os.path.dirname(self.path)} is being written by another expand "
+                    f"({holder}); wait for it to finish or choose another --save") from None
+            try:   # the file may have been unlinked by the holder we waited for: lock the live one
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(owner()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+def owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']} since {info['started']}"
+    except (ValueError, KeyError, OSError):
+        return "owner unknown"
+
+
+def _abandoned(folder: str) -> bool:
+    """A staging folder no live writer owns: its owner file names a process on this host that
+    is gone, or another host (whose writer would hold the lock we hold), or there is none."""
+    try:
+        info = json.load(open(os.path.join(folder, OWNER)))
+        pid, host = int(info["pid"]), info["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _same_or_inside(path: str, other: str) -> bool:
@@ -53,6 +137,13 @@ def check_target(root: str, source: str = "", overwrite: bool = False) -> None:
         raise CheckpointError(f"--save {root} already holds a checkpoint "
                               f"({os.path.basename(existing[0])}); choose an empty directory or "
                               "pass --overwrite")
+    others = sorted(n for n in os.listdir(root) if not n.startswith(OWN_PREFIX)) \
+        if os.path.isdir(root) and not existing else []
+    if others and not overwrite:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise CheckpointError(f"--save {root} is not empty ({others[0]}{more}) and holds no "
+                              "checkpoint; choose an empty directory, or pass --overwrite to "
+                              "write the checkpoint beside those files")
 
 
 def _is_iteration_dir(path: str) -> bool:
@@ -72,6 +163,7 @@ class StagedIteration:
         self.final = iteration_dir(root, iteration, release)
         self.source = source
         self.staging = ""
+        self.lock = TargetLock(root)
 
     def check(self) -> None:
         """Refuse a target that overlaps the source, is a file, or holds a checkpoint already
@@ -79,24 +171,48 @@ class StagedIteration:
         check_target(self.root, self.source, self.overwrite)
 
     def prepare(self, token: str = "") -> str:
-        """Check the target, remove stale staging folders, create ours (rank 0 only)."""
+        """Take the target's lock, check the target, remove abandoned staging folders, create
+        ours with its owner file (rank 0 only); the lock is held until commit() or abort()."""
         self.check()
         os.makedirs(self.root, exist_ok=True)
-        self.remove_stale()
-        self.staging = self.staging_path(token or uuid.uuid4().hex[:12])
-        os.makedirs(self.staging)
+        self.lock.acquire()
+        try:
+            self.check()   # again under the lock: another writer may have published meanwhile
+            self.remove_stale()
+            self.staging = self.staging_path(token or uuid.uuid4().hex[:12])
+            os.makedirs(self.staging)
+            with open(os.path.join(self.staging, OWNER), "w") as f:
+                json.dump(owner(), f)
+        except BaseException:
+            self.lock.release()
+            raise
         return self.staging
 
     def staging_path(self, token: str) -> str:
         return os.path.join(self.root, f"{STAGING_PREFIX}{os.path.basename(self.final)}-{token}")
 
     def remove_stale(self) -> None:
+        """Remove the abandoned staging and retired folders (called holding the lock)."""
         for pattern in (STAGING_PREFIX + "*", RETIRED_PREFIX + "*"):
             for path in glob.glob(os.path.join(self.root, pattern)):
-                shutil.rmtree(path, ignore_errors=True)
+                if _abandoned(path):
+                    shutil.rmtree(path, ignore_errors=True)
 
-    def commit(self) -> str:
-        """fsync the staging folder, rename it into place, then write the tracker file."""
+    def commit(self, seal=None) -> str:
+        """`seal(staging)` (e.g. write a manifest) once the owner file is gone, fsync the
+        staging folder, rename it into place, then write the tracker file; the lock is
+        released after."""
+        try:
+            return self._commit(seal)
+        finally:
+            self.lock.release()
+
+    def _commit(self, seal) -> str:
+        owner_file = os.path.join(self.staging, OWNER)
+        if os.path.exists(owner_file):
+            os.remove(owner_file)
+        if seal is not None:
+            seal(self.staging)
         for dirpath, _, names in os.walk(self.staging):
             for n in names:
                 fsync_path(os.path.join(dirpath, n))
@@ -122,4 +238,5 @@ class StagedIteration:
     def abort(self) -> None:
         if self.staging and os.path.isdir(self.staging):
             shutil.rmtree(self.staging, ignore_errors=True)
+        self.lock.release()
 

@@ -152,6 +152,31 @@ class DcpCheckpoint:
                 raise CheckpointError(f"shard {path} is truncated ({size} of {end} bytes); "
                                       "copy the whole iter_* directory again")
 
+    def files_of(self, key: str, offsets: Optional[Sequence[int]] = None,
+                 sizes: Optional[Sequence[int]] = None) -> list[str]:
+        """The data files holding the chunks of `key` (those overlapping a region, if given)."""
+        md = self.metadata.state_dict_metadata.get(key)
+        if md is None:
+            return []
+        if isinstance(md, BytesStorageMetadata):
+            info = self.metadata.storage_data.get(MetadataIndex(key))
+            return [info.relative_path] if info is not None else []
+        out = []
+        for chunk in md.chunks:
+            if offsets is not None and any(
+                    c_off >= o + s or o >= c_off + c_size for c_off, c_size, o, s
+                    in zip(chunk.offsets, chunk.sizes, offsets, sizes)):
+                continue
+            info = self.metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
+            if info is not None and info.relative_path not in out:
+                out.append(info.relative_path)
+        return sorted(out)
+
+    def tensors_in(self, name: str) -> list[str]:
+        """The keys with data in file `name` (what a damaged file takes with it)."""
+        return sorted({index.fqn for index, info in self.metadata.storage_data.items()
+                       if info.relative_path == name})
+
     # ------------------------------------------------------------------ reads
     def _load(self, planner: _RegionPlanner) -> None:
         planner.set_up_planner({}, self.metadata, True)

@@ -11,14 +11,15 @@ The written format is described on `expand`.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from megatron_sparkling.checkpoint import optimizer_common, shadow
-from megatron_sparkling.checkpoint.base import object_bytes
+from megatron_sparkling.checkpoint import integrity, optimizer_common, resources, shadow
+from megatron_sparkling.checkpoint.base import expected_shape, object_bytes
 from megatron_sparkling.checkpoint.commit import StagedIteration, check_target
 from megatron_sparkling.checkpoint.dcp import TensorSpec
 from megatron_sparkling.checkpoint.grown import DepthStream, GrownTensors, make_grower
@@ -62,6 +63,7 @@ class ExpandRequest:
     drop_optimizer: bool = False
     overwrite: bool = False
     progress: bool = True
+    checks: bool = True            # integrity.ValueChecks on every value read (off: bench only)
 
 
 @dataclass
@@ -88,17 +90,17 @@ class Conversion:
     def __init__(self, req: ExpandRequest):
         self.req = req
         check_target(req.save, req.load, req.overwrite)
+        resources.check_writable(req.save)
         self.src = open_checkpoint(req.load, req.iteration)
         self.src.check_args_match_tensors()
         args = self.src.args
         self.source_shape = ModelShape.from_args(args)
         self.target_shape = self._grown_layer_pattern(self.source_shape.replace(**req.sizes))
+        tensor = req.tensor_parallel or args.tensor_model_parallel_size
         self.parallel = ParallelLayout(
-            tensor=req.tensor_parallel or args.tensor_model_parallel_size,
-            pipeline=req.pipeline_parallel or args.pipeline_model_parallel_size,
+            tensor=tensor, pipeline=req.pipeline_parallel or args.pipeline_model_parallel_size,
             expert=req.expert_parallel or (getattr(args, "expert_model_parallel_size", 1) or 1),
-            expert_tensor=req.expert_tensor_parallel or getattr(
-                args, "expert_tensor_parallel_size", None))
+            expert_tensor=req.expert_tensor_parallel or self._default_expert_tensor(tensor))
         self.spec = GrowthSpec(self.source_shape, self.target_shape, req.method, req.seed,
                                dict(req.options), req.depth or DepthOptions())
         if req.depth is not None and self.target_shape.num_layers == self.source_shape.num_layers:
@@ -112,6 +114,7 @@ class Conversion:
         else:            # a format conversion: the target layout is still checked
             validate(self.spec, self.parallel)
             self.grower = None
+        self._check_memory()
         self.keep_rng = req.keep_rng and self._rng_loadable()
         self.optimizer = None if req.drop_optimizer else self.src.optimizer
         self.target_args = self._target_args()
@@ -120,9 +123,35 @@ class Conversion:
                                             with_optimizer=True, exact=False)
         self.sources = self._source_keys()
         self.specs = self._tensor_specs()
-        self.stream = GrownTensors(self.src, self.grower, self.optimizer, self._depth_stream())
+        self.stream = GrownTensors(self.src, self.grower, self.optimizer, self._depth_stream(),
+                                   checks=req.checks)
         self.objects = self._objects()
         self.common = self._common()
+        sizes = [s.nbytes for s in self.specs.values()] + [len(b) for b in self.objects.values()]
+        resources.check_space(req.save, sum(sizes) + 2 ** 20, max(sizes, default=0))
+
+    # ------------------------------------------------------------------ resources
+    def _default_expert_tensor(self, tensor: int) -> int:
+        """The expert TP of the relaunch when not given: Megatron's default (= TP), unless the
+        source ran with its own expert TP (then kept, and printed in the relaunch flags)."""
+        args = self.src.args
+        stored = getattr(args, "expert_tensor_parallel_size", None)
+        if stored and stored != args.tensor_model_parallel_size:
+            return stored
+        return tensor
+
+    def _check_memory(self) -> None:
+        """Refuse, before allocating, a conversion whose largest grown piece (one layer of a
+        stacked tensor, fp32) times resources.PEAK_FACTOR does not fit in memory."""
+        largest, what = 0, ""
+        for key in self.src.model_tensors:
+            shape = expected_shape(key, self.target_shape) or self.src.model_tensors[key].shape
+            n = 4
+            for size in shape[1:] if layout_lib.is_stacked(key) else shape:
+                n *= size
+            if n > largest:
+                largest, what = n, key
+        resources.check_memory(largest, what)
 
     # ------------------------------------------------------------------ decisions
     def _grown_layer_pattern(self, target: ModelShape) -> ModelShape:
@@ -383,6 +412,14 @@ class Conversion:
         reset or kept); per-layer keys of new layers are derived from their source layer's."""
         return self.stream.read(key, layer).to(self.specs[key].dtype)
 
+    def read_record(self) -> dict:
+        """What the conversion read (the manifest's `read`): the source and its file checksums
+        (checked against its own manifest when it had one)."""
+        src = self.src
+        sums = getattr(src, "checksums", None) or integrity.checksums(src.path)
+        return {"path": os.path.abspath(src.path), "iteration": src.iteration,
+                "format": src.format, "files": sums}
+
     def relaunch_flags(self) -> list:
         t = self.target_shape
         gqa = t.num_query_groups != t.num_attention_heads or getattr(
@@ -403,6 +440,8 @@ class Conversion:
         flags += ["--tensor-model-parallel-size", p.tensor,
                   "--pipeline-model-parallel-size", p.pipeline,
                   "--expert-model-parallel-size", p.expert]
+        if p.expert_tp != p.tensor:
+            flags += ["--expert-tensor-parallel-size", p.expert_tp]
         if not self.keep_rng:
             flags.append("--no-load-rng")
         if self.optimizer is None:
@@ -412,6 +451,12 @@ class Conversion:
             if self.req.rewarmup_peak_ratio is not None:
                 flags += ["--sparkling-rewarmup-peak-ratio", self.req.rewarmup_peak_ratio]
         return [str(f) for f in flags]
+
+
+def _remove_if_unused(root: str, created: bool) -> None:
+    """Remove --save again when this run created it and it is still empty."""
+    if created and os.path.isdir(root) and not os.listdir(root):
+        os.rmdir(root)
 
 
 def optimizer_groups(target_layouts) -> list:
@@ -442,7 +487,12 @@ def expand(req: ExpandRequest) -> ExpandResult:
     import torch.distributed as dist
 
     start = time.time()
-    conv = Conversion(req)
+    created = not os.path.exists(req.save)   # removed again if nothing gets published
+    try:
+        conv = Conversion(req)
+    except BaseException:
+        _remove_if_unused(req.save, created)
+        raise
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     stage = StagedIteration(req.save, conv.common["iteration"], conv.src.release, req.overwrite,
@@ -453,22 +503,34 @@ def expand(req: ExpandRequest) -> ExpandResult:
             box[0] = stage.prepare()
         except CheckpointError as e:
             box[0] = e
+        except OSError as e:
+            box[0] = resources.io_failure(e, req.save)
     if distributed:
         dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], CheckpointError):
+        if rank == 0:
+            _remove_if_unused(req.save, created)
         raise box[0]
     stage.staging = box[0]
     try:
-        write_torch_dist(stage.staging, conv.specs, conv.produce, conv.objects, conv.common,
-                         layered=conv.layered(), progress=req.progress,
-                         desc="growing" if conv.grown else "converting")
-        if rank == 0:
-            stage.commit()
+        try:
+            write_torch_dist(stage.staging, conv.specs, conv.produce, conv.objects, conv.common,
+                             layered=conv.layered(), progress=req.progress,
+                             desc="growing" if conv.grown else "converting")
+            if rank == 0:
+                stage.commit(seal=lambda staging: integrity.write_manifest(staging,
+                                                                           conv.read_record()))
+        except (OSError, RuntimeError) as e:
+            failure = resources.io_failure(e, req.save)
+            if failure is None:
+                raise
+            raise failure from None
         if distributed:
             dist.barrier()
     except BaseException:
         if rank == 0:
             stage.abort()
+            _remove_if_unused(req.save, created)
         raise
     return ExpandResult(
         path=stage.final, iteration=conv.common["iteration"], grown=conv.grown,

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from megatron_sparkling.checkpoint.integrity import ValueChecks
 from megatron_sparkling.checkpoint.paths import CheckpointError
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.plan import UnitMap
@@ -62,26 +63,35 @@ class GrownTensors:
     """`read(key, layer)`: one grown global tensor of the TARGET model (or one layer of a stacked
     one), made from the source checkpoint `src`; `key` is a model key or
     `optimizer.state.<kind>.<model key>`. With no grower the tensors are returned as stored (a
-    plain format conversion)."""
+    plain format conversion). Every stored tensor passes integrity.ValueChecks as it is read
+    (`checks=False` only measures what they cost: bench/convert.py)."""
 
     def __init__(self, src, grower: Optional[Grower] = None, optimizer=None,
-                 depth: Optional[DepthStream] = None):
+                 depth: Optional[DepthStream] = None, checks: bool = True):
         self.src = src
         self.grower = grower
         self.optimizer = optimizer   # the source's model-space optimizer state (or None)
         self.depth = depth
+        self.checks = ValueChecks(src, optimizer) if checks else None
+        if self.checks is not None:
+            self.checks.step(optimizer)
 
     def stored(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         """A source tensor (or one layer of it) as stored; optimizer state in model space."""
         prefix, model_key = layout_lib.split_state_key(key)
         if not prefix:
-            return self.src.read_model(key, layer)
+            return self._checked(key, None, layer, self.src.read_model(key, layer))
         kind = layout_lib.state_kind(key)
         if self.optimizer is not None and kind in self.optimizer.kinds:
-            return self.optimizer.read(model_key, kind, layer)
+            return self._checked(model_key, kind, layer,
+                                 self.optimizer.read(model_key, kind, layer))
         if kind == "param":  # no distributed optimizer, fp32 params: the weights
-            return self.src.read_model(model_key, layer).float()
+            return self._checked(model_key, None, layer,
+                                 self.src.read_model(model_key, layer)).float()
         raise CheckpointError(f"the checkpoint has no {kind} state for {model_key}")
+
+    def _checked(self, key, kind, layer, tensor):
+        return tensor if self.checks is None else self.checks.tensor(key, kind, layer, tensor)
 
     def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         prefix, model_key = layout_lib.split_state_key(key)

@@ -56,6 +56,10 @@ class OptimizerState:
         """One global fp32 state tensor of a model key, or its slice of one layer."""
         raise NotImplementedError
 
+    def files_of(self, key: str, kind: str) -> list[str]:
+        """The data files holding one kind of a model key's state ([] when unknown)."""
+        return []
+
 
 class ModelSpaceState(OptimizerState):
     """`optimizer.state.<kind>.<model key>` tensors (no distributed optimizer, fully_reshardable,
@@ -95,6 +99,10 @@ class ModelSpaceState(OptimizerState):
             raise CheckpointError(f"the checkpoint has no {kind} optimizer state for {key}")
         return self._dcp.read_layer(where, layer).float()
 
+    def files_of(self, key: str, kind: str) -> list[str]:
+        where = self._where.get((key, kind))
+        return self._dcp.files_of(where) if where else []
+
 
 class BucketSpaceState(OptimizerState):
     """`dp_reshardable`: flat per-bucket tensors, mapped through rebuilt DDP bucket layouts."""
@@ -102,13 +110,10 @@ class BucketSpaceState(OptimizerState):
     format = "dp_reshardable"
 
     def __init__(self, dcp: DcpCheckpoint, layouts: list, param_groups: list, step,
-                 read_model: Callable[[str], torch.Tensor], model_shapes: dict,
-                 verify: bool = True):
+                 model_shapes: dict):
         super().__init__(param_groups, step)
         self._dcp = dcp
-        self._read_model = read_model
         self._shapes = model_shapes
-        self._verify = verify
         self._sources: dict[str, list] = {}   # model key -> [(flat key stem, start, end, pieces)]
         self._check_and_index(layouts)
 
@@ -177,13 +182,13 @@ class BucketSpaceState(OptimizerState):
             flat = self._dcp.read(f"{stem}.{state_key(kind)}", (start,), (end - start,))
             for where, piece in placed:
                 out[where] = piece.view_of(flat)
-        if kind == "param" and self._verify:
-            model = self._read_model(key, layer)
-            if not torch.equal(out.to(model.dtype), model):
-                raise CheckpointError(
-                    f"main parameters read from the buckets do not match the weights of {key}: "
-                    f"the rebuilt bucket layout is wrong for this checkpoint; {RESAVE}")
         return out
+
+    def files_of(self, key: str, kind: str) -> list[str]:
+        files = set()
+        for stem, start, end, _ in self._sources.get(key, ()):
+            files.update(self._dcp.files_of(f"{stem}.{state_key(kind)}", (start,), (end - start,)))
+        return sorted(files)
 
 
 def world_locators(opt):

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling.checkpoint import optimizer_state, shadow
+from megatron_sparkling.checkpoint import integrity, optimizer_state, shadow
 from megatron_sparkling.checkpoint.base import SourceCheckpoint
 from megatron_sparkling.checkpoint.dcp import DcpCheckpoint
 from megatron_sparkling.checkpoint.legacy import LegacyCheckpoint
@@ -39,6 +39,9 @@ CONVERT_HINT = ("load it once in Megatron-LM and save it with --ckpt-format torc
 
 def locate(root: str, iteration: Optional[int] = None) -> tuple[str, int, bool]:
     """(iteration directory, iteration, release) of a checkpoint root."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise CheckpointError(f"--load {root} is a file, not a directory; point it at a "
+                              f"checkpoint directory (the one holding {TRACKER})")
     if not os.path.isdir(root):
         raise CheckpointError(f"--load {root} does not exist; point it at a checkpoint directory "
                               f"(the one holding {TRACKER})")
@@ -99,6 +102,9 @@ class TorchDistCheckpoint(SourceCheckpoint):
         super().__init__(path, iteration, release)
         self.dcp = DcpCheckpoint(path)
         self.dcp.check_files()
+        self.checksums = None
+        if verify:
+            self.check_manifest()
         self.common = self._load_common()
         self.model_tensors = {k: v for k, v in self.dcp.tensors.items()
                               if not _is_optimizer_key(k)}
@@ -129,6 +135,17 @@ class TorchDistCheckpoint(SourceCheckpoint):
     def read_object_bytes(self, unique_key: str) -> bytes:
         return self.dcp.read_object_bytes(unique_key)
 
+    def check_manifest(self) -> Optional[dict]:
+        """Check the files against the manifest `expand` wrote, where there is one (every byte
+        is read once); the checksums, None without a manifest."""
+        self.checksums = integrity.check_manifest(self.path, self.dcp.tensors_in)
+        return self.checksums
+
+    def files_of(self, key: str, kind: Optional[str] = None) -> list[str]:
+        if kind is None:
+            return self.dcp.files_of(key)
+        return self.optimizer.files_of(key, kind) if self.optimizer is not None else []
+
     def read_object(self, unique_key: str):
         return self.dcp.read_object(unique_key)
 
@@ -156,8 +173,7 @@ class TorchDistCheckpoint(SourceCheckpoint):
             layouts = shadow.build_layouts(args, shadow.representative_ranks(args))
             if fmt == "dp_zero_gather_scatter":
                 return optimizer_state.WorldTensorState(self.dcp, layouts, groups, step, shapes)
-            return optimizer_state.BucketSpaceState(self.dcp, layouts, groups, step,
-                                                    self.read_model, shapes, self._verify)
+            return optimizer_state.BucketSpaceState(self.dcp, layouts, groups, step, shapes)
         raise CheckpointError(f"optimizer state stored as {fmt!r} cannot be converted; "
                               f"{optimizer_state.RESAVE}, or pass --no-optimizer to drop it")
 

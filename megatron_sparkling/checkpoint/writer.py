@@ -14,12 +14,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -34,6 +37,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
+from megatron_sparkling.checkpoint.paths import CheckpointError
+
 
 TORCH_DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
@@ -41,6 +46,35 @@ TORCH_DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version":
 
 class ProducedTensorError(ValueError):
     """A produced tensor does not have the declared shape or dtype."""
+
+
+@dataclass
+class WriteStats:
+    """Bytes of produced pieces alive at once (counted as DCP drops them): the streaming
+    property, independent of allocator and machine load."""
+    held_bytes: int = 0
+    peak_held_bytes: int = 0
+    pieces: int = 0
+
+    def hold(self, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        self.held_bytes += n
+        self.pieces += 1
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        weakref.finalize(tensor, self._drop, n)
+
+    def _drop(self, n: int) -> None:
+        self.held_bytes -= n
+
+
+def first_failure(exc: BaseException) -> BaseException:
+    """The exception a rank raised inside DCP's save (which wraps every rank's failure in a
+    CheckpointException, a BaseException): the project's own error first."""
+    if not isinstance(exc, CheckpointException):
+        return exc
+    failures = [pair[0] for pair in exc.failures.values()]
+    return next((f for f in failures if isinstance(f, CheckpointError)),
+                failures[0] if failures else exc)
 
 
 def work_items(specs: dict, layered: dict) -> list[tuple]:
@@ -60,8 +94,10 @@ def work_items(specs: dict, layered: dict) -> list[tuple]:
 class _StreamingSavePlanner(DefaultSavePlanner):
     """DCP save planner whose tensor chunks are produced on demand in `resolve_data`."""
 
-    def __init__(self, specs: dict, items: list, produce, objects: dict, progress=None):
+    def __init__(self, specs: dict, items: list, produce, objects: dict, progress=None,
+                 stats: WriteStats | None = None):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._stats = stats
         self._specs = specs
         self._items = items
         self._produce = produce
@@ -106,7 +142,10 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         if self._progress is not None:
             self._progress.update(tensor.numel() * tensor.element_size())
             self._progress.set_postfix_str(key[-60:], refresh=False)
-        return tensor.detach().to("cpu").contiguous().view(tuple(chunk.sizes))
+        out = tensor.detach().to("cpu").contiguous().view(tuple(chunk.sizes))
+        if self._stats is not None:
+            self._stats.hold(out)
+        return out
 
 
 def split_among_ranks(items: list, world: int) -> list[list]:
@@ -137,7 +176,7 @@ def write_file_synced(path: str, data: bytes) -> None:
 
 def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: dict,
                      common: dict, layered: dict | None = None, progress: bool = True,
-                     desc: str = "writing") -> None:
+                     desc: str = "writing") -> WriteStats:
     """Write a complete torch_dist checkpoint into the EXISTING empty `directory`.
 
     `specs`: {key: TensorSpec} of every tensor; `produce(key, layer)` makes one tensor (layer
@@ -151,7 +190,9 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
     - `common.pt`: the non-tensor state (args, iteration, optimizer param groups, ...);
     - `metadata.json`: `{"sharded_backend": "torch_dist", ...}`, written last.
     Under torchrun the tensors are split among the ranks (balanced by bytes): each rank produces
-    and writes its share, DCP's coordinator (rank 0) writes the index. Every file is fsynced."""
+    and writes its share, DCP's coordinator (rank 0) writes the index. Every file is fsynced.
+    A failure inside DCP is re-raised as the exception that caused it (`first_failure`).
+    Returns this rank's WriteStats."""
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
@@ -164,15 +205,22 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
                    unit_divisor=1024, position=rank, leave=True, disable=None,
                    desc=f"{desc} ({len({k for k, _, _ in mine})} tensors"
                         f"{f', rank {rank}' if distributed else ''})")
+    stats = WriteStats()
+    failure = None
     try:
-        planner = _StreamingSavePlanner(specs, mine, produce, objects if rank == 0 else {}, bar)
+        planner = _StreamingSavePlanner(specs, mine, produce, objects if rank == 0 else {}, bar,
+                                        stats)
         # one item per file: FileSystemWriter keeps a file's tensors alive until it is closed
         writer = FileSystemWriter(directory, single_file_per_rank=False, sync_files=True,
                                   thread_count=1, overwrite=False)
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=not distributed)
+    except CheckpointException as e:
+        failure = first_failure(e)
     finally:
         if bar is not None:
             bar.close()
+    if failure is not None:   # raised here, not in the handler: its own __context__ is kept
+        raise failure
     if rank == 0:
         buf = io.BytesIO()
         torch.save(common, buf)
@@ -182,3 +230,4 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
         fsync_path(directory)
     if distributed:
         dist.barrier()
+    return stats

@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from megatron_sparkling.checkpoint import paths
+from megatron_sparkling.checkpoint import integrity, paths
+from megatron_sparkling.checkpoint.source import open_checkpoint
 from megatron_sparkling.compat.cpu import have_gpu, have_transformer_engine
 from megatron_sparkling.core.record import RECORD_KEY, RecordError, growth_record, plan_of
 from megatron_sparkling.core.sizes import SIZES
@@ -39,10 +40,17 @@ class VerifyError(ValueError):
     """Inputs `verify` cannot use; the message names the problem and the fix."""
 
 
+class BoundError(VerifyError):
+    """The grown checkpoint breaks a bound of `verify` (--max-loss-change, --max-logit-diff)."""
+
+
 def checkpoint_dir(root: str, iteration: Optional[int] = None) -> tuple[str, int]:
     """(iter_XXXXXXX directory, iteration) of a checkpoint root: `iteration`, or the tracker's."""
     from megatron.core import dist_checkpointing
 
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise VerifyError(f"{root} is a file, not a directory; give a checkpoint root (the "
+                          "--save directory of a pre-training run)")
     if not os.path.isdir(root):
         raise VerifyError(f"{root}: no such directory; give a checkpoint root (the --save "
                           "directory of a pre-training run)")
@@ -57,6 +65,53 @@ def checkpoint_dir(root: str, iteration: Optional[int] = None) -> tuple[str, int
         raise VerifyError(f"{path}: not a torch_dist checkpoint (no metadata.json); check "
                           "the root and --iteration")
     return path, iteration
+
+
+def checked_source(root: str, iteration: int, side: str):
+    """The checkpoint at `root` opened and checked as `expand` checks its source (files present
+    and whole, the manifest, args describing the tensors) and every value read once
+    (integrity.check_all): a damaged checkpoint is refused in one line before a model is built."""
+    try:
+        src = open_checkpoint(root, iteration)
+        src.check_args_match_tensors()
+        integrity.check_all(src)
+    except paths.CheckpointError as e:
+        raise VerifyError(f"--{side}: {e}") from None
+    return src
+
+
+def check_not_swapped(before_args, after_args) -> None:
+    """--before must be the narrow model: refuse a pair whose sizes only shrink from before to
+    after, or whose growth record sits in the before-checkpoint."""
+    before, after = ModelShape.from_args(before_args), ModelShape.from_args(after_args)
+    pairs = [(s.field, getattr(before, s.field), getattr(after, s.field)) for s in SIZES]
+    larger = [(f, b, a) for f, b, a in pairs if b and a and b > a]
+    smaller = [(f, b, a) for f, b, a in pairs if b and a and b < a]
+    if larger and not smaller:
+        f, b, a = larger[0]
+        raise VerifyError(f"--before is the larger model ({f} {b} > {a} of --after): --before "
+                          "and --after look swapped; pass the checkpoint before growth as "
+                          "--before")
+
+
+def _same_sizes(shape: dict, args) -> bool:
+    model = ModelShape.from_args(args)
+    return all(shape.get(s.field) == getattr(model, s.field) for s in SIZES if s.field in shape)
+
+
+def check_bounds(report, max_loss_change: float, max_logit_diff: float) -> None:
+    """The grown model keeps the function within the bounds (VerifyError naming the bound)."""
+    delta = report.loss["delta"]
+    if not abs(delta) <= max_loss_change:
+        raise BoundError(f"loss change {delta:+.3g} exceeds --max-loss-change {max_loss_change:g}"
+                         "; the grown checkpoint does not preserve the model's function (a "
+                         "function-preserving method changes it by rounding only)")
+    diff = report.logits["max_abs_diff"]
+    if not diff <= max_logit_diff:
+        raise BoundError(f"max logit change {diff:.3g} exceeds --max-logit-diff "
+                         f"{max_logit_diff:g}; the grown checkpoint does not preserve the "
+                         "model's function (a function-preserving method changes it by "
+                         "rounding only)")
 
 
 def common_state(path: str) -> dict:
@@ -189,10 +244,19 @@ def verify_checkpoints(before: str, after: str, before_iteration: Optional[int] 
     """The growth report of two checkpoint roots (see report.compare)."""
     if batches < 1:
         raise VerifyError(f"--batches must be at least 1 (got {batches})")
+    checkpoint_dir(before, before_iteration), checkpoint_dir(after, after_iteration)
+    checked_source(before, before_iteration, "before")
+    checked_source(after, after_iteration, "after")
     before_dir, before_iteration = checkpoint_dir(before, before_iteration)
     after_dir, after_iteration = checkpoint_dir(after, after_iteration)
     before_common, after_common = common_state(before_dir), common_state(after_dir)
     record = growth_record(after_common)
+    check_not_swapped(before_common["args"], after_common["args"])
+    swapped = growth_record(before_common)
+    if swapped and not record and _same_sizes(swapped.get("source") or {}, after_common["args"]):
+        raise VerifyError("--before carries the growth record that made it from --after: "
+                          "--before and --after look swapped; pass the checkpoint before "
+                          "growth as --before")
     before_args = one_rank_args(before_common["args"], data_path)
     after_args = one_rank_args(after_common["args"], data_path)
     if before_args.seq_length != after_args.seq_length:

@@ -97,6 +97,7 @@ def pending_growth(args, load_dir: Optional[str]) -> Optional[PendingGrowth]:
         changed["num_layers"] = (source.num_layers, run.num_layers)
     if not changed:   # same sizes, or only sizes no stored tensor has (e.g. a dense FFN size
         return None   # in an all-MoE model): a normal load
+    src.check_manifest()   # growing reads it all: a damaged file is refused first
     where = f"--load {load_dir} (iteration {src.iteration})"
     sizes = ", ".join(f"{f} {a} -> {b}" for f, (a, b) in changed.items())
     if getattr(args, "sparkling_no_grow_on_load", False):
