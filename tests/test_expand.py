@@ -407,3 +407,29 @@ def test_converter_peak_memory_is_bounded_by_the_largest_piece(source, tmp_path)
     assert stats.pieces == len(pieces) and stats.held_bytes == 0
     assert total > 10 * largest
     assert largest <= stats.peak_held_bytes <= 2 * largest
+
+
+def test_written_param_groups_are_what_fused_adam_and_the_relaunch_ask_for(source, tmp_path,
+                                                                          corpus_prefix):
+    """Fused Adam (TE, apex) passes the group's `step` to a kernel taking an int, so it is
+    written as an int; the keys megatron-core matches groups on at load come from the relaunched
+    run's own groups (a strict relaunch at the grown sizes loads them)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_sparkling.checkpoint.optimizer_common import identifier_keys
+
+    src, _ = source
+    dst = tmp_path / "grown"
+    assert expand("--load", src, "--save", dst, "--hidden-size", 128,
+                  "--moe-ffn-hidden-size", 256, "--ffn-hidden-size", 128) == 0
+    common = dist_checkpointing.load_common_state_dict(str(dst / f"iter_{SAVE_AT:07d}"))
+    groups = (common["optimizer"]["optimizer"]["param_groups"]
+              + common["optimizer"]["param_groups"])
+    assert groups and all(type(g["step"]) is int and g["step"] == SAVE_AT for g in groups)
+    with megatron_run(tiny_moe_flags(corpus_prefix, load=str(dst),
+                                     dist_ckpt_strictness="raise_all", **WIDE)) as trainer:
+        live = [g for g in trainer.optimizer.param_groups]
+        written = common["optimizer"]["optimizer"]["param_groups"]
+        for key in identifier_keys():
+            assert sorted(map(str, (g.get(key) for g in live))) == sorted(
+                map(str, (g.get(key) for g in written))), key

@@ -115,7 +115,10 @@ class ValueChecks:
     def optimizer(self):
         """The source's optimizer state (main params to compare weights with), None without."""
         if self._optimizer is None:
-            self._optimizer = self.src.optimizer or False
+            # TE's precision-aware optimizer stores main-param remainders, not fp32 copies
+            remainders = getattr(self.src.common.get("args"), "use_precision_aware_optimizer",
+                                 False)
+            self._optimizer = False if remainders else (self.src.optimizer or False)
         return self._optimizer or None
 
     def where(self, key: str, kind: Optional[str], layer: Optional[int]) -> str:
