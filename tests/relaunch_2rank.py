@@ -13,8 +13,20 @@ import sys
 import torch
 
 
+def end_case() -> None:
+    """initialize.shutdown() but for the default process group, which the next case reuses
+    (a second rendezvous through torchrun's store would hang)."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    torch.distributed.barrier()
+    destroy_num_microbatches_calculator()
+    get_moe_layer_wise_logging_tracker().clear()
+    mpu.destroy_model_parallel()
+
+
 def run_case(case) -> dict:
-    from megatron_sparkling.training.initialize import shutdown
     from megatron_sparkling.training.loop import Pretrainer
 
     trainer = Pretrainer.from_argv(case["argv"])
@@ -30,16 +42,17 @@ def run_case(case) -> dict:
         return {"resumed_at": resumed_at, "losses": losses, "masks": masks,
                 "rewarmup_new_elements": None if rewarmup is None else rewarmup.new_elements}
     finally:
-        shutdown()
+        end_case()
 
 
 def main(cases_path, out_path):
     with open(cases_path) as f:
         cases = json.load(f)
     results = {case["name"]: run_case(case) for case in cases}
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if torch.distributed.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # the checkpoint writer spawns processes that re-import __main__

@@ -145,3 +145,39 @@ def test_msg_saved_inside_the_ramp_resumes_exactly(tmp_path, corpus_prefix, grow
     print(f"\n[msg ramp] (mask, loss) straight {straight}; resumed {resumed}")
     assert [m for m, _ in straight] == [m for m, _ in resumed] == [0.25, 0.5]
     assert max(abs(a - b) / b for (_, a), (_, b) in zip(resumed, straight)) < 1e-5
+
+
+PADDED = {"tp2": 384, "ep2": 288, "pp2": 288}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "ep2", "pp2"])
+def test_relaunch_at_two_ranks(tmp_path, corpus_prefix, narrow, grown, narrow_losses, layout):
+    """One launch per layout relaunches the three grown checkpoints (the printed flags + the
+    layout; TP=2 pads the vocabulary to 384): each first loss is the narrow model's on the same
+    batch at that padding, and the re-warmup (and msg's ramp) came back with the load. At EP=2
+    the same launch resumes the plain EP=1 checkpoint through the hook (its optimizer state was
+    written for one optimizer, EP=2 has two) with the straight run's losses."""
+    root, continued = narrow
+    cases = [{"name": m, "steps": 2, "argv": relaunch_argv(corpus_prefix, grown[m][1])
+              + LAYOUTS[layout]} for m in METHODS]
+    if layout == "ep2":
+        cases.append({"name": "plain", "steps": TOTAL - SAVE_AT,
+                      "argv": tiny_moe_flags(corpus_prefix, load=root, **BASE) + LAYOUTS[layout]})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    torchrun(2, SCRIPT, [str(tmp_path / "cases.json"), str(tmp_path / "out.json")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    reference = narrow_losses[PADDED[layout]]
+    for method in METHODS:
+        r = out[method]
+        first = r["losses"][str(SAVE_AT + 1)]
+        print(f"\n[{method}, {layout}, padded vocabulary {PADDED[layout]}] first loss "
+              f"{first:.6f}; narrow on the same batch {reference:.6f} "
+              f"({first / reference - 1:+.2e}); next {r['losses'][str(SAVE_AT + 2)]:.6f}")
+        assert r["resumed_at"] == SAVE_AT and r["rewarmup_new_elements"] > 0
+        assert r["masks"] == ([0.0, 1 / RAMP] if method == "msg" else [None, None])
+        assert _close(first, reference, TOLERANCE[method]), (method, first, reference)
+    if layout == "ep2":
+        resumed = [out["plain"]["losses"][str(i)] for i in range(SAVE_AT + 1, TOTAL + 1)]
+        print(f"\n[plain EP=1 checkpoint resumed at EP=2] {resumed}; straight {continued}")
+        assert max(abs(a - b) / b for a, b in zip(resumed, continued)) < 1e-5
