@@ -359,7 +359,8 @@ def _report(result) -> None:
     if not result.rng_kept:
         print("the RNG state was not carried over: relaunch with --no-load-rng (the stored args "
               "say no_save_rng, so Megatron-LM skips it by itself)", flush=True)
-    print("relaunch Megatron with:\n  " + " ".join(result.relaunch_flags), flush=True)
+    print("relaunch Megatron (at any TP/EP/PP/DP, with megatron_sparkling installed) with:\n  "
+          + " ".join(result.relaunch_flags), flush=True)
 
 
 COMMANDS = {

@@ -296,8 +296,6 @@ def test_bad_inputs_fail_before_writing_with_one_line(source, tmp_path, capsys):
             match="has no latest_checkpointed_iteration.txt")
     refused("--load", src, "--save", dst, "--method", "no-such", "--hidden-size", 128,
             match="unknown growth method")
-    refused("--load", src, "--save", dst, "--method", "msg", "--hidden-size", 128,
-            match="--method msg preserves the function only through a mask ramped at run time")
 
     iter_dir = "iter_0000004"
     missing = _copy(src, tmp_path / "missing")

@@ -436,12 +436,15 @@ class Conversion:
             flags += ["--moe-router-topk", t.moe_router_topk]
         if t.num_experts and t.moe_layer_freq != self.source_shape.moe_layer_freq:
             flags += ["--moe-layer-freq", str(t.moe_layer_freq).replace(" ", "")]
-        p = self.parallel
-        flags += ["--tensor-model-parallel-size", p.tensor,
-                  "--pipeline-model-parallel-size", p.pipeline,
-                  "--expert-model-parallel-size", p.expert]
-        if p.expert_tp != p.tensor:
-            flags += ["--expert-tensor-parallel-size", p.expert_tp]
+        # The layout is the relaunch's choice: the optimizer's param groups are regrouped at
+        # load by the hook (live/load_hook.py) and the padded vocabulary is fitted, so only the
+        # sizes a --target-* flag checked are echoed.
+        for flag, field in (("--tensor-model-parallel-size", "tensor_parallel"),
+                            ("--pipeline-model-parallel-size", "pipeline_parallel"),
+                            ("--expert-model-parallel-size", "expert_parallel"),
+                            ("--expert-tensor-parallel-size", "expert_tensor_parallel")):
+            if getattr(self.req, field, None):
+                flags += [flag, getattr(self.req, field)]
         if not self.keep_rng:
             flags.append("--no-load-rng")
         if self.optimizer is None:

@@ -33,12 +33,6 @@ def make_grower(spec, model_keys, method_instance=None, parallel=None) -> Grower
         raise
     except ValueError as e:  # unknown method or option
         raise CheckpointError(str(e)) from None
-    if getattr(grower.method, "needs_runtime_mask", False):
-        raise CheckpointError(
-            f"--method {grower.method.name} preserves the function only through a mask ramped at "
-            "run time, which a relaunched run does not install; grow the checkpoint with "
-            "sparkling, copy, hypercloning or staged (function-preserving), or use "
-            f"{grower.method.name} in process (Pretrainer.grow_model + mask_ramp.MaskRamp)")
     for key in model_keys:
         if not layout_lib.is_extra_state(key):
             try:

@@ -20,11 +20,15 @@ import torch
 
 from megatron_sparkling.checkpoint.base import expected_shape
 from megatron_sparkling.checkpoint.grown import GrownTensors, make_grower
-from megatron_sparkling.checkpoint.paths import CheckpointError, checkpoint_to_load
+from megatron_sparkling.checkpoint.paths import (
+    CheckpointError,
+    checkpoint_dir_to_load,
+    checkpoint_to_load,
+)
 from megatron_sparkling.checkpoint.source import open_checkpoint
 from megatron_sparkling.core.sizes import WIDTH_FIELDS
 from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError, ModelShape, ParallelLayout
-from megatron_sparkling.live import rewarmup
+from megatron_sparkling.live import mask_ramp, rewarmup
 from megatron_sparkling.live.state import GlobalShapeError, fill_live, resume_position
 from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.methods import REGISTRY
@@ -63,9 +67,10 @@ def add_args(parser):
 # ---------------------------------------------------------------------------- detection
 @dataclass
 class PendingGrowth:
-    """A checkpoint that must grow to be loaded into this run."""
+    """A checkpoint that must grow to be loaded into this run (grower None: one of this run's
+    sizes that must load in model space, see `pending_regroup`)."""
     src: object                 # checkpoint.base.SourceCheckpoint
-    grower: object              # methods.base.Grower
+    grower: object              # methods.base.Grower, or None
     changed: dict               # size name -> (checkpoint's, run's)
 
     @property
@@ -135,7 +140,91 @@ def pending_growth(args, load_dir: Optional[str]) -> Optional[PendingGrowth]:
     return PendingGrowth(src, grower, changed)
 
 
+def _optimizer_parts(optimizer) -> int:
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _stored_optimizer_parts(osd) -> Optional[int]:
+    """How many optimizers the checkpoint's optimizer state is for: megatron-core stores a
+    ChainedOptimizer of several ({0: dense, 1: expert} at EP > 1) under integer keys."""
+    if not isinstance(osd, dict) or not osd:
+        return None
+    return len(osd) if all(isinstance(k, int) for k in osd) else 1
+
+
+def pending_regroup(args, optimizer, load_dir: Optional[str]) -> Optional[PendingGrowth]:
+    """A checkpoint of this run's sizes whose optimizer state megatron-core cannot load here:
+    written for another number of optimizers (megatron-core builds a separate expert optimizer
+    only at EP > 1, so a checkpoint saved or converted at EP = 1 does not load at EP = 2, nor
+    the reverse). Such a load goes through model space (`load_in_model_space`), where the
+    param groups are this run's own; None when a normal load works."""
+    if (optimizer is None or not load_dir or args.finetune or args.no_load_optim
+            or checkpoint_to_load(load_dir, getattr(args, "ckpt_step", None))[0] < 0):
+        return None
+    src = open_checkpoint(load_dir, getattr(args, "ckpt_step", None), verify=False)
+    stored = _stored_optimizer_parts(src.common.get("optimizer"))
+    if src.release or stored is None or stored == _optimizer_parts(optimizer):
+        return None
+    return PendingGrowth(src, None, {})
+
+
 # ---------------------------------------------------------------------------- growth
+def load_in_model_space(args, model, optimizer, scheduler, src, grower=None,
+                        strict: bool = True) -> tuple[bool, int, float]:
+    """Fill the live model and optimizer from `src`'s global tensors, grown by `grower` (or as
+    stored), through live/state.py (any TP/EP/PP/DP; the param groups are the live
+    optimizer's own, so the checkpoint's grouping does not matter), and restore the scheduler
+    and the data position. Returns (optimizer loaded, iteration, flops so far)."""
+    load_optim = (optimizer is not None and not src.release and not args.finetune
+                  and not args.no_load_optim and src.optimizer is not None)
+    tensors = GrownTensors(src, grower, src.optimizer if load_optim else None)
+    try:
+        fill_live(args, model, optimizer if load_optim else None,
+                  lambda key, _: tensors.whole(key), strict=strict,
+                  step=float(src.optimizer.step or 0) if load_optim else None)
+    except GlobalShapeError as e:   # a global shape of the live model the checkpoint lacks
+        raise CheckpointError(f"the checkpoint does not fit this run's model ({e}); keep "
+                              "every flag but the grown sizes as in the checkpoint") from None
+    if load_optim and scheduler is not None and "opt_param_scheduler" in src.common:
+        scheduler.load_state_dict(src.common["opt_param_scheduler"])
+    if not load_optim and optimizer is not None and (args.fp16 or args.bf16):
+        optimizer.reload_model_params()
+    iteration, flops = resume_position(args, src.common, src.iteration, src.release)
+    return load_optim, iteration, flops
+
+
+def regroup_into(args, model, optimizer, scheduler, pending: PendingGrowth,
+                 strict: bool = True) -> tuple[int, float]:
+    """A normal load of a checkpoint whose optimizer grouping is not this run's (see
+    `pending_regroup`), then what follows every load (`after_load`)."""
+    src = pending.src
+    print_rank_0(f"> SPARKLING: {src.path} (iteration {src.iteration}) holds optimizer state "
+                 f"for {_stored_optimizer_parts(src.common.get('optimizer'))} optimizer(s), this "
+                 f"run has {_optimizer_parts(optimizer)} (expert-parallel size "
+                 f"{getattr(src.args, 'expert_model_parallel_size', 1)} -> "
+                 f"{getattr(args, 'expert_model_parallel_size', 1)}); loading it in model space")
+    _, iteration, flops = load_in_model_space(args, model, optimizer, scheduler, src,
+                                              strict=strict)
+    after_load(args, model, optimizer, scheduler)
+    torch.distributed.barrier()
+    return iteration, flops
+
+
+def after_load(args, model, optimizer, scheduler) -> None:
+    """After a normal load of --load: continue or start the re-warmup and MSG's mask ramp."""
+    if optimizer is None or scheduler is None:
+        return
+    rewarmup.rewarmup_after_load(model, optimizer, scheduler, args)
+    if getattr(scheduler, "mask_ramp", None) is not None or not getattr(args, "load", None):
+        return
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = checkpoint_dir_to_load(args.load, getattr(args, "ckpt_step", None))
+    if ckpt_dir is not None:
+        mask_ramp.mask_ramp_after_load(model, scheduler,
+                                       dist_checkpointing.load_common_state_dict(ckpt_dir), args)
+
+
 # Called after every growth on load as listener(args, growth, iteration, rewarmup, model);
 # megatron_sparkling.install() and the pre-training loop add the wandb logger (wandb_log.py).
 GROWTH_LISTENERS: list = []
@@ -155,28 +244,25 @@ def grow_into(args, model, optimizer, scheduler, growth: PendingGrowth,
     src, grower = growth.src, growth.grower
     load_optim = (optimizer is not None and not src.release and not args.finetune
                   and not args.no_load_optim and src.optimizer is not None)
+    if mask_ramp.needs_mask_ramp(grower.record()) and not (load_optim and scheduler is not None):
+        raise CheckpointError(f"--sparkling-method {grower.method.name} keeps the function only "
+                              "through a mask ramped with the scheduler, which needs the "
+                              "checkpoint's optimizer and scheduler state: drop --finetune / "
+                              "--no-load-optim, or grow with sparkling or copy")
     print_rank_0(f"> SPARKLING: growing {src.path} (iteration {src.iteration}, {src.format}) in "
                  f"memory to this run's sizes: "
                  + ", ".join(f"{f} {a} -> {b}" for f, (a, b) in growth.changed.items())
                  + f"; method {grower.method.name}, seed {grower.spec.seed}"
                  + ("" if load_optim else "; optimizer state not loaded"))
-    tensors = GrownTensors(src, grower, src.optimizer if load_optim else None)
-    try:
-        fill_live(args, model, optimizer if load_optim else None,
-                  lambda key, _: tensors.whole(key), strict=strict,
-                  step=float(src.optimizer.step or 0) if load_optim else None)
-    except GlobalShapeError as e:   # a global shape of the live model the growth does not give
-        raise CheckpointError(f"the grown checkpoint does not fit this run's model ({e}); keep "
-                              "every flag but the grown sizes as in the checkpoint") from None
-    if load_optim and scheduler is not None and "opt_param_scheduler" in src.common:
-        scheduler.load_state_dict(src.common["opt_param_scheduler"])
-    if not load_optim and optimizer is not None and (args.fp16 or args.bf16):
-        optimizer.reload_model_params()
-    iteration, flops = resume_position(args, src.common, src.iteration, src.release)
+    load_optim, iteration, flops = load_in_model_space(args, model, optimizer, scheduler, src,
+                                                       grower, strict=strict)
     installed = None
     if load_optim and scheduler is not None:
         installed = rewarmup.install_rewarmup(model, optimizer, scheduler, grower.record(),
                                               rewarmup.RewarmupConfig.from_args(args))
+        if mask_ramp.needs_mask_ramp(grower.record()):
+            mask_ramp.install_mask_ramp(model, scheduler, grower.record(),
+                                        args.global_batch_size)
     torch.distributed.barrier()
     for listener in GROWTH_LISTENERS:
         listener(args, growth, iteration, installed, model)
@@ -208,10 +294,13 @@ def growing(load_checkpoint):
         growth = pending_growth(args, load_dir or args.load)
         if growth is not None:
             return grow_into(args, model, optimizer, scheduler, growth, strict=strict)
+        regroup = pending_regroup(args, optimizer, load_dir or args.load)
+        if regroup is not None and load_dir in (None, args.load):
+            return regroup_into(args, model, optimizer, scheduler, regroup, strict=strict)
         out = load_checkpoint(args, model, optimizer, scheduler, load_dir=load_dir,
                               strict=strict, **kwargs)
-        if optimizer is not None and scheduler is not None and load_dir in (None, args.load):
-            rewarmup.rewarmup_after_load(model, optimizer, scheduler, args)
+        if load_dir in (None, args.load):
+            after_load(args, model, optimizer, scheduler)
         return out
 
     setattr(load, GROWING, True)
@@ -229,11 +318,15 @@ def growing_megatron_lm(load_checkpoint):
         from megatron.training import get_args
 
         args = get_args()
-        growth = None
+        growth = regroup = None
         if not kwargs.get("skip_load_to_model_and_opt", False):
             growth = pending_growth(args, getattr(args, load_arg, None))
-        if growth is not None:
-            out = grow_into(args, ddp_model, optimizer, opt_param_scheduler, growth, strict=strict)
+            if growth is None and load_arg == "load":
+                regroup = pending_regroup(args, optimizer, args.load)
+        if growth is not None or regroup is not None:
+            into = grow_into if growth is not None else regroup_into
+            out = into(args, ddp_model, optimizer, opt_param_scheduler, growth or regroup,
+                       strict=strict)
             try:
                 from megatron.core.num_microbatches_calculator import update_num_microbatches
 
@@ -244,8 +337,8 @@ def growing_megatron_lm(load_checkpoint):
             return out
         out = load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg=load_arg,
                               strict=strict, **kwargs)
-        if optimizer is not None and opt_param_scheduler is not None and load_arg == "load":
-            rewarmup.rewarmup_after_load(ddp_model, optimizer, opt_param_scheduler, args)
+        if load_arg == "load":
+            after_load(args, ddp_model, optimizer, opt_param_scheduler)
         return out
 
     setattr(load, GROWING, True)

@@ -8,6 +8,10 @@ with our Pretrainer (`iteration_fn=lambda: trainer.iteration`) and with Megatron
 Needs standalone norm modules (Megatron's local spec: torch RMSNorm/LayerNorm, apex
 FusedLayerNorm); Transformer Engine's fused LayerNormLinear has no separate norm to hook and is
 refused at install.
+Through a checkpoint: `install_mask_ramp` (a growth that happens now: a relaunch from `expand`,
+growth on load) counts iterations with the scheduler and puts the ramp (record, start, length,
+current value) into the scheduler's state dict under STATE_KEY, as the re-warmup does;
+`mask_ramp_after_load` continues a saved ramp exactly or starts the one a grown checkpoint needs.
 """
 from __future__ import annotations
 
@@ -18,11 +22,16 @@ import torch
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis, Kind, Role
 from megatron_sparkling.core.plan import GrowthPlan
-from megatron_sparkling.core.record import plan_of
+from megatron_sparkling.core.record import growth_record, plan_of
+from megatron_sparkling.live.rewarmup import carry_in_scheduler
+from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.mcore.model import unwrap
+from megatron_sparkling.methods import REGISTRY
 from megatron_sparkling.operators import norms
 
 MASKED_INPUT_AXES = (Axis.EXPERT_FFN, Axis.SHARED_FFN, Axis.DENSE_FFN, Axis.HEADS)
+STATE_KEY = "sparkling_mask_ramp"     # the ramp's state inside opt_param_scheduler
+DEFAULT_RAMP_STEPS = 100              # methods/msg.py's default ramp_steps
 
 
 class MaskRamp:
@@ -43,13 +52,28 @@ class MaskRamp:
         self.start_iteration = int(start_iteration)
         self.ramp_steps = int(ramp_steps)
         self.m = 1.0
+        self.record: Optional[dict] = None     # the growth record, when built from one
         self._handles: list = []
         self._iteration_fn: Optional[Callable[[], int]] = None
 
     @classmethod
     def from_record(cls, record: dict, start_iteration: int) -> "MaskRamp":
         """From a growth record (`Grower.record()` of an msg growth)."""
-        return cls(plan_of(record), start_iteration, int(record["options"].get("ramp_steps", 100)))
+        ramp = cls(plan_of(record), start_iteration,
+                   int(record["options"].get("ramp_steps", DEFAULT_RAMP_STEPS)))
+        ramp.record = record
+        return ramp
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the ramp exactly (plain types)."""
+        return {"version": 1, "record": self.record, "start_iteration": self.start_iteration,
+                "ramp_steps": self.ramp_steps, "value": self.m}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue a saved ramp of the same growth (a load into a run that has one)."""
+        self.start_iteration, self.ramp_steps = int(saved["start_iteration"]), int(saved["ramp_steps"])
+        if self._iteration_fn is not None:
+            self.m = self.value(self._iteration_fn())
 
     def value(self, iteration: int) -> float:
         return float(min(1.0, max(0.0, (iteration - self.start_iteration) / self.ramp_steps)))
@@ -157,3 +181,60 @@ def _param_shards(chunk) -> dict:
             local = (1,) * item.prepend_axis_num + tuple(item.local_shape)
             out.setdefault(id(item.data), (item.key, tuple(item.global_offset), local))
     return out
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def needs_mask_ramp(record: Optional[dict]) -> bool:
+    """Whether the growth a record describes preserves the function only behind a mask (msg)."""
+    method = REGISTRY.get((record or {}).get("method"))
+    return bool(getattr(method, "needs_runtime_mask", False))
+
+
+def _scheduler_iteration(scheduler, samples_per_iteration: int) -> Callable[[], int]:
+    """The iteration, counted by the scheduler (samples): it is saved and loaded with the
+    checkpoint, so a resumed run reads the same value the straight run read."""
+    return lambda: int(scheduler.num_steps) // samples_per_iteration
+
+
+def _attach(model, scheduler, ramp: MaskRamp, samples_per_iteration: int) -> MaskRamp:
+    existing = getattr(scheduler, "mask_ramp", None)
+    if existing is not None:
+        existing.remove()
+    ramp.install(model, _scheduler_iteration(scheduler, samples_per_iteration))
+    carry_in_scheduler(scheduler, "mask_ramp", ramp, STATE_KEY)
+    return ramp
+
+
+def install_mask_ramp(model, scheduler, record: dict, samples_per_iteration: int) -> MaskRamp:
+    """Start MSG's ramp for a growth that happened now (m = 0 at the scheduler's step)."""
+    start = int(scheduler.num_steps) // samples_per_iteration
+    ramp = _attach(model, scheduler, MaskRamp.from_record(record, start), samples_per_iteration)
+    print_rank_0(f"> MSG mask ramp: new units enter at iteration {start}, mask 0 -> 1 over "
+                 f"{ramp.ramp_steps} iterations")
+    return ramp
+
+
+def restore_mask_ramp(model, scheduler, saved: dict, samples_per_iteration: int) -> MaskRamp:
+    """Continue a ramp saved in a checkpoint's opt_param_scheduler[STATE_KEY]."""
+    ramp = MaskRamp.from_record(saved["record"], saved["start_iteration"])
+    ramp.load_state_dict(saved)
+    ramp = _attach(model, scheduler, ramp, samples_per_iteration)
+    print_rank_0(f"> MSG mask ramp resumed: started at iteration {ramp.start_iteration}, mask "
+                 f"{ramp.m:.4f} now (saved {saved['value']:.4f}), 1 at iteration "
+                 f"{ramp.start_iteration + ramp.ramp_steps}")
+    return ramp
+
+
+def mask_ramp_after_load(model, scheduler, common: dict, args) -> Optional[MaskRamp]:
+    """After a checkpoint load: continue a saved ramp (when the scheduler state was loaded with
+    it), or start the one a checkpoint grown by a masked method needs, or do nothing."""
+    if getattr(scheduler, "mask_ramp", None) is not None or scheduler is None:
+        return getattr(scheduler, "mask_ramp", None)
+    stored = common.get("opt_param_scheduler") or {}
+    saved = stored.get(STATE_KEY) if stored.get("num_steps") == scheduler.num_steps else None
+    if saved is not None:
+        return restore_mask_ramp(model, scheduler, saved, args.global_batch_size)
+    record = growth_record(common)
+    if needs_mask_ramp(record):
+        return install_mask_ramp(model, scheduler, record, args.global_batch_size)
+    return None

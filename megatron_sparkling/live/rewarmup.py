@@ -250,12 +250,27 @@ def _make_rewarmup_scheduler_class():
                 for group in self.optimizer.param_groups:
                     set_group_lr(group, rewarmup.lr_new(group))
 
+        def _carried(self):
+            for key, attribute in getattr(self, "sparkling_carried", {}).items():
+                carried = getattr(self, attribute, None)
+                if carried is not None:
+                    yield key, carried
+
         def state_dict(self) -> dict:
             state = super().state_dict()
-            state[STATE_KEY] = self.rewarmup.state.state_dict()
+            if getattr(self, "rewarmup", None) is not None:
+                state[STATE_KEY] = self.rewarmup.state.state_dict()
+            for key, carried in self._carried():
+                state[key] = carried.state_dict()
             return state
 
         def load_state_dict(self, state_dict: dict) -> None:
+            for key, carried in self._carried():
+                if state_dict.get(key) is not None:
+                    carried.load_state_dict(state_dict[key])
+            if getattr(self, "rewarmup", None) is None:
+                super().load_state_dict(state_dict)
+                return
             saved = state_dict.get(STATE_KEY)
             if saved is not None and not _same_growth(saved["record"], self.rewarmup.state.record):
                 raise RewarmupError("this scheduler re-warms another growth than the checkpoint's;"
@@ -270,6 +285,19 @@ def _make_rewarmup_scheduler_class():
 
     RewarmupScheduler.__qualname__ = "RewarmupScheduler"
     return RewarmupScheduler
+
+
+def carry_in_scheduler(scheduler, attribute: str, carried, state_key: str) -> None:
+    """Set `scheduler.<attribute> = carried` and make the scheduler's state dict (stored in the
+    checkpoint as opt_param_scheduler) carry `carried.state_dict()` under `state_key`, as it
+    carries the re-warmup (MSG's mask ramp uses it). The class is upgraded in place, so every
+    holder of the scheduler keeps a valid reference."""
+    if not isinstance(scheduler, _optimizer_param_scheduler_class()):
+        raise RewarmupError(f"megatron_sparkling needs megatron-core's OptimizerParamScheduler, "
+                            f"not {type(scheduler).__name__}")
+    scheduler.__class__ = rewarmup_scheduler_class()
+    setattr(scheduler, attribute, carried)
+    scheduler.__dict__.setdefault("sparkling_carried", {})[state_key] = attribute
 
 
 _SCHEDULER_CLASS = None

@@ -141,12 +141,26 @@ def gather_global(sharded_state_dict) -> tuple[dict, dict]:
     return tensors, objects
 
 
+def fit_shape(tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """`tensor` cut or zero-padded to `shape`, as dist_checkpointing loads a ShardedTensor that
+    allows a shape mismatch (the padded vocabulary: its padding depends on the TP size). Rows a
+    larger padding adds are zero, exactly what Megatron's own loader gives them."""
+    if tuple(tensor.shape) == tuple(shape) or tensor.dim() != len(shape):
+        return tensor
+    out = tensor.new_zeros(shape)
+    common = tuple(slice(0, min(a, b)) for a, b in zip(tensor.shape, shape))
+    out[common] = tensor[common]
+    return out
+
+
 def fill_from_global(sharded_state_dict, tensor_of: TensorOf,
                      object_of: Optional[Callable[[str], object]] = None):
     """A state dict to `load_state_dict` with, each shard cut from `tensor_of(key, global shape)`.
 
     `tensor_of` is called once per key (cached while its shards are cut), so a caller can grow
-    or read one global tensor at a time. `object_of(unique_key)` supplies ShardedObjects; by
+    or read one global tensor at a time; a tensor whose ShardedTensor allows a shape mismatch
+    (embedding, output layer: the padded vocabulary) is fitted as Megatron's loader fits it
+    (`fit_shape`). `object_of(unique_key)` supplies ShardedObjects; by
     default they keep the values already in the sharded state dict. ShardedTensorFactories (e.g.
     SwiGLU fc1 stored as [gate; up]) are built and merged exactly as dist_checkpointing does.
     """
@@ -166,6 +180,8 @@ def fill_from_global(sharded_state_dict, tensor_of: TensorOf,
                 cache.clear()  # keep one global tensor alive at a time
                 cache[item.key] = tensor_of(item.key, tuple(item.global_shape))
             full = cache[item.key]
+            if item.allow_shape_mismatch:
+                full = fit_shape(full, tuple(item.global_shape))
             if tuple(full.shape) != tuple(item.global_shape):
                 raise GlobalShapeError(f"{item.key}: global shape {tuple(full.shape)} does not "
                                        f"match the model's {tuple(item.global_shape)}")

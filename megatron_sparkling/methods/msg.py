@@ -10,7 +10,8 @@ live.mask_ramp.MaskRamp multiplies new FFN units and new heads (fc2 / linear_pro
 hidden coordinates (embedding, linear_proj and fc2 outputs) by m, computes hidden norms over old
 units plus m-weighted new ones, and ramps m from 0 at the growth iteration to 1 after
 `ramp_steps` iterations. Without the ramp installed the grown model is NOT the small model's
-function.
+function: a run loading an msg checkpoint (expand's, or growth on load) installs it from the growth
+record and carries it in the scheduler's checkpoint state (mask_ramp.mask_ramp_after_load).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from megatron_sparkling.methods.elementwise import WIDTH_PLAN_AXES, ElementwiseG
 class MaskedStructuralGrowth(ElementwiseGrowth):
     name = "msg"
     preserves_function = True   # with live.mask_ramp.MaskRamp installed at mask 0
-    needs_runtime_mask = True    # so checkpoint paths (expand, growth on load) refuse it
+    needs_runtime_mask = True    # a relaunch installs the ramp (live/mask_ramp.py)
     fresh_axes = WIDTH_PLAN_AXES
     fresh_weights = "normal"
     fresh_gains = "identity"

@@ -142,7 +142,8 @@ def load_checkpoint(args, model, optimizer, scheduler, load_dir: Optional[str] =
     sharded["num_floating_point_operations_so_far"] = None
     state = dist_checkpointing.load(sharded, ckpt_dir, get_default_load_sharded_strategy(ckpt_dir),
                                     strict=args.dist_ckpt_strictness)
-    load_live(args, model, optimizer, state, strict=strict)
+    # the common state holds the optimizer's non-tensor part even when it is not loaded
+    load_live(args, model, optimizer if load_optim else None, state, strict=strict)
     if load_optim and scheduler is not None:
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng:
