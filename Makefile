@@ -32,8 +32,10 @@ test-compat: $(addprefix compat-,$(COMPAT_VERSIONS))
 
 compat-%:
 	test -x .venv-mcore-$*/bin/python || $(PYTHON) -m venv .venv-mcore-$*
-	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check --ignore-requires-python \
-		torch==2.13.0 megatron-core==$* einops psutil tqdm pytest matplotlib wandb
+	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check torch==2.13.0 'numpy<2' \
+		packaging einops psutil tqdm pytest matplotlib wandb
+	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check --no-deps \
+		--ignore-requires-python megatron-core==$*
 	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	.venv-mcore-$*/bin/python -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
 	.venv-mcore-$*/bin/python -m pytest -q -m "not slow"

@@ -439,12 +439,12 @@ class Conversion:
         # The layout is the relaunch's choice: the optimizer's param groups are regrouped at
         # load by the hook (live/load_hook.py) and the padded vocabulary is fitted, so only the
         # sizes a --target-* flag checked are echoed.
-        for flag, field in (("--tensor-model-parallel-size", "tensor_parallel"),
-                            ("--pipeline-model-parallel-size", "pipeline_parallel"),
-                            ("--expert-model-parallel-size", "expert_parallel"),
-                            ("--expert-tensor-parallel-size", "expert_tensor_parallel")):
-            if getattr(self.req, field, None):
-                flags += [flag, getattr(self.req, field)]
+        for flag, name in (("--tensor-model-parallel-size", "tensor_parallel"),
+                           ("--pipeline-model-parallel-size", "pipeline_parallel"),
+                           ("--expert-model-parallel-size", "expert_parallel"),
+                           ("--expert-tensor-parallel-size", "expert_tensor_parallel")):
+            if getattr(self.req, name, None):
+                flags += [flag, getattr(self.req, name)]
         if not self.keep_rng:
             flags.append("--no-load-rng")
         if self.optimizer is None:
