@@ -33,7 +33,7 @@ test-compat: $(addprefix compat-,$(COMPAT_VERSIONS))
 compat-%:
 	test -x .venv-mcore-$*/bin/python || $(PYTHON) -m venv .venv-mcore-$*
 	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check torch==2.13.0 'numpy<2' \
-		packaging einops psutil tqdm pytest matplotlib wandb
+		packaging einops psutil tqdm triton pytest matplotlib wandb
 	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check --no-deps \
 		--ignore-requires-python megatron-core==$*
 	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check --no-deps -e .
