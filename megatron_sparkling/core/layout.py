@@ -269,6 +269,34 @@ def resolve(key: str, swiglu: bool = True) -> TensorLayout:
     raise UnknownTensorError(key)
 
 
+# One tensor, two names: the local spec saves its norms under Transformer Engine's fused names
+# (`input_layernorm.` as `self_attention.linear_qkv.layer_norm_`, `pre_mlp_layernorm.` as
+# `mlp.linear_fc1.layer_norm_`), but TE's MoE layers keep a separate pre-MLP norm (TENorm) and
+# save `pre_mlp_layernorm.`. A model built with the other spec asks for the other name.
+SPEC_SPELLINGS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+                  ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
+
+
+def spelled_like(key: str, stored) -> str:
+    """`key` (optimizer prefix kept) under the name `stored` (checkpoint keys) gives the same
+    tensor: its other spec's spelling (SPEC_SPELLINGS) when only that one is stored, else
+    `key` itself."""
+    if key in stored:
+        return key
+    prefix, model_key = split_state_key(key)
+    m = _LAYER_KEY.match(model_key)
+    if not m:
+        return key
+    head, rest = model_key[:m.start(2)], m.group(2)
+    for a, b in SPEC_SPELLINGS:
+        for mine, other in ((a, b), (b, a)):
+            if rest.startswith(mine) and not is_extra_state(rest):
+                candidate = prefix + head + other + rest[len(mine):]
+                if candidate in stored:
+                    return candidate
+    return key
+
+
 def layer_of_key(key: str) -> Optional[int]:
     m = _LAYER_KEY.match(split_state_key(key)[1])
     return int(m.group(1)) if m and m.group(1) is not None else None
