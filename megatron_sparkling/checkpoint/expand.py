@@ -256,8 +256,8 @@ class Conversion:
                 carried = self.optimizer.kinds_of(self._like(key))
                 for kind in layout_lib.STATE_KINDS:
                     if kind.required or kind.name in carried:
-                        specs[kind.prefixes[0] + key] = TensorSpec(specs[key].shape,
-                                                                   torch.float32)
+                        specs[kind.prefix_for(self.target_args) + key] = TensorSpec(
+                            specs[key].shape, torch.float32)
         return specs
 
     def _objects(self) -> dict:

@@ -177,6 +177,16 @@ class StateKind:
     moment: bool       # grown by the optimizer-state rules (operators/optimizer.py); else a weight
     required: bool     # expand writes it for every param with optimizer state (Adam's; missing in
                        # the source is an error), else only where the source carries it
+    float16_prefix: Optional[str] = None   # its prefix for Float16OptimizerWithFloat16Params
+
+    def prefix_for(self, args) -> str:
+        """The prefix a run with `args` asks this state under when it loads: megatron-core's
+        Float16OptimizerWithFloat16Params (--bf16/--fp16 without --use-distributed-optimizer)
+        names its main params `fp32_param.`; every other optimizer the first prefix."""
+        half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+        if self.float16_prefix and half and not getattr(args, "use_distributed_optimizer", False):
+            return self.float16_prefix
+        return self.prefixes[0]
 
 
 # THE table of optimizer-state kinds: prefix parsing, the growth methods' kinds, the moment rules,
@@ -185,7 +195,7 @@ STATE_KINDS = (
     # the fp32 main param: `param.` (fully_reshardable), `fp32_param.` (fp16/bf16 without the
     # distributed optimizer, fully_sharded_model_space)
     StateKind("param", ("optimizer.state.param.", "optimizer.state.fp32_param."), "param",
-              moment=False, required=True),
+              moment=False, required=True, float16_prefix="optimizer.state.fp32_param."),
     StateKind("exp_avg", ("optimizer.state.exp_avg.",), "exp_avg", moment=True, required=True),
     StateKind("exp_avg_sq", ("optimizer.state.exp_avg_sq.",), "exp_avg_sq", moment=True,
               required=True),
