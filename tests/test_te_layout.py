@@ -6,8 +6,11 @@ local spec saves `pre_mlp_layernorm.` under the fused name `mlp.linear_fc1.layer
 its module name; TE's norms and core attention carry `_extra_state` objects (TE 2.x: pickled
 bytes in a uint8 tensor). `expand` converts it without TE, and the result loads into the
 local-spec model (which asks for the fused name) with the next-iteration loss kept."""
+import contextlib
 import importlib.util
 import inspect
+import io
+import json
 import pickle
 
 import pytest
@@ -155,6 +158,14 @@ def test_expand_of_a_te_checkpoint_without_te_loads_into_the_local_spec(
           f"the local spec: first loss {first:.7f}, narrow run on the same batch "
           f"{continued[0]:.7f}, relative {(first - continued[0]) / continued[0]:+.2e}")
     assert abs(first - continued[0]) / continued[0] < 1e-5
+    # `verify` builds both models with the local spec on CPU and loads the TE names into them
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["verify", "--before", te_root, "--after", str(dst), "--json", "--batches",
+                     "1", "--data-path", corpus_prefix]) == 0
+    report = json.loads(out.getvalue())
+    print(f"verify on the TE-layout pair: loss delta {report['loss']['delta']:+.2e}")
+    assert abs(report["loss"]["delta"]) < 1e-5
 
 
 def layout_keys(trainer):
