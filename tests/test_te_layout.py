@@ -133,7 +133,6 @@ def test_expand_of_a_te_checkpoint_without_te_loads_into_the_local_spec(
     checkpoint: the grown checkpoint keeps TE's names and objects, and a local-spec run loads
     it (asking for the fused name) with the next loss the narrow run's on the same batch."""
     from megatron_sparkling.checkpoint.source import open_checkpoint
-    from megatron_sparkling.core import layout
 
     te_root, continued = te_source
     dst = tmp_path / "grown"
@@ -150,7 +149,7 @@ def test_expand_of_a_te_checkpoint_without_te_loads_into_the_local_spec(
         assert unit_of(grown.read_object(unique)) == unique
     with megatron_run(tiny_moe_flags(corpus_prefix, load=str(dst), **WIDE)) as trainer:
         assert trainer.args.transformer_impl == "local" and trainer.iteration == SAVE_AT
-        model_keys = {k for k in layout_keys(trainer)}
+        model_keys = set(layout_keys(trainer))
         assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in model_keys
         assert PRE_MLP not in model_keys
         first = trainer.train_step()["lm loss"]
