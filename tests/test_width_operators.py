@@ -194,6 +194,30 @@ def test_stacked_extra_state_grows_along_layers_and_experts():
                 f"{l}{int(experts.source[e])}")
 
 
+def test_fresh_units_extra_state_is_a_copy_of_unit_0():
+    """`zero` grows experts with no source unit; each still gets real `_extra_state` bytes (unit
+    0's of its layer, deep-copied): TE's grouped-linear load refuses a None beside gemm 0's FP8
+    state. Payloads as TE stores them: io.BytesIO (TE 1.x) and a uint8 byte tensor (TE 2.x)."""
+    import io
+    import pickle
+
+    grower = Grower(GrowthSpec(SHAPE, SHAPE.replace(num_experts=4), "zero"))
+    experts = grower.plan.units[layout.Axis.EXPERT]
+    assert experts.source.tolist() == [0, 1, -1, -1]
+    key = "decoder.layers.mlp.experts.experts.linear_fc1._extra_state"
+    for make, read in ((lambda b: io.BytesIO(b), lambda o: o.getvalue()),
+                       (lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8),
+                        lambda o: o.numpy().tobytes())):
+        objects = {layout.object_unique_key(key, (l, e), (2, 2)): make(pickle.dumps((l, e)))
+                   for l in range(2) for e in range(2)}
+        grown = grower.grow_objects(key, objects)
+        for l in range(2):
+            for e in range(4):
+                data = grown[layout.object_unique_key(key, (l, e), (2, 4))]
+                assert pickle.loads(read(data)) == (l, e if e < 2 else 0)
+                assert all(data is not o for o in objects.values())
+
+
 def test_fresh_layers_need_a_depth_rule_and_get_it():
     from megatron_sparkling.methods import get_method
     from megatron_sparkling.core.spec import GrowthSpecError

@@ -242,6 +242,8 @@ class Conversion:
                 raise CheckpointError(str(e)) from None
         else:
             derived = {k: k for k in keys}
+        # the target is rebuilt with the local spec where TE is missing: the source's names
+        self._target = shadow.spelled_like(self._target, derived)
         target = {k for lay in self._target for k in lay.global_shapes}
         if set(target) != set(derived):
             extra = sorted(target - set(derived))[:3]
@@ -283,8 +285,8 @@ class Conversion:
                 carried = self.optimizer.kinds_of(self._like(key))
                 for kind in layout_lib.STATE_KINDS:
                     if kind.required or kind.name in carried:
-                        specs[kind.prefixes[0] + key] = TensorSpec(specs[key].shape,
-                                                                   torch.float32)
+                        specs[kind.prefix_for(self.target_args) + key] = TensorSpec(
+                            specs[key].shape, torch.float32)
         return specs
 
     def _objects(self) -> dict:
@@ -342,7 +344,8 @@ class Conversion:
     def _per_layer_objects(self, grown: dict) -> dict:
         """Objects of per-layer keys (`decoder.layers.<i>.<module>._extra_state`, mixed
         dense/MoE stacks) under the deeper model's layer numbers: a copied layer's are its
-        source layer's, a fresh layer's are None (the module's default state)."""
+        source layer's, a fresh layer's another source layer's (as Grower.grow_objects gives
+        fresh units: TE refuses a None beside real FP8 state)."""
         per_layer = [k for k in grown if layout_lib.layer_of_key(k) is not None]
         out = {k: v for k, v in grown.items() if k not in per_layer}
         try:
@@ -353,8 +356,7 @@ class Conversion:
         for key, source in renamed.items():
             like = source or next(layout_lib.with_layer(key, j) for j in range(
                 self.source_shape.num_layers) if layout_lib.with_layer(key, j) in grown)
-            out[key] = {key + unique[len(like):]: (None if source is None else value)
-                        for unique, value in grown[like].items()}
+            out[key] = {key + unique[len(like):]: value for unique, value in grown[like].items()}
         return out
 
     def _common(self) -> dict:

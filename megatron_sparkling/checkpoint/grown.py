@@ -69,12 +69,15 @@ class GrownTensors:
         self.checks = ValueChecks(src, optimizer) if checks else None
         if self.checks is not None:
             self.checks.step(optimizer)
+        self._objects: dict[str, dict] = {}   # grown `_extra_state` objects, by key
 
     def stored(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """A source tensor (or one layer of it) as stored; optimizer state in model space."""
+        """A source tensor (or one layer of it) as stored; optimizer state in model space. A key
+        named as the other layer spec names it is read under the source's name."""
         prefix, model_key = layout_lib.split_state_key(key)
+        model_key = layout_lib.spelled_like(model_key, self.src.model_tensors)
         if not prefix:
-            return self._checked(key, None, layer, self.src.read_model(key, layer))
+            return self._checked(model_key, None, layer, self.src.read_model(model_key, layer))
         kind = layout_lib.state_kind(key)
         if self.optimizer is not None and kind in self.optimizer.kinds:
             return self._checked(model_key, kind, layer,
@@ -114,6 +117,22 @@ class GrownTensors:
         """The whole grown global tensor; stacked keys grown layer by layer (as `expand`
         streams them) unless the layer count itself grows."""
         if layout_lib.is_stacked(key) and self.depth is None:
-            layers = self.src.model_tensors[layout_lib.split_state_key(key)[1]].shape[0]
+            model_key = layout_lib.split_state_key(key)[1]
+            layers = self.src.model_tensors[layout_lib.spelled_like(
+                model_key, self.src.model_tensors)].shape[0]
             return torch.stack([self.read(key, i) for i in range(layers)])
         return self.read(key)
+
+    def object(self, unique_key: str, current=None):
+        """The grown model's ShardedObject `unique_key`: an `_extra_state` object grown from the
+        source's objects of its key (Grower.grow_objects: TE's FP8 metadata carried to new
+        units); `current` (e.g. the live model's own) where the source holds none of that key."""
+        key = unique_key.split("/shard_")[0]
+        if not layout_lib.is_extra_state(key) or self.depth is not None:
+            return current
+        if key not in self._objects:
+            shards = {u: self.src.read_object(u) for u in self.src.objects
+                      if u.split("/shard_")[0] == key}
+            self._objects[key] = (self.grower.grow_objects(key, shards)
+                                  if shards and self.grower is not None else shards)
+        return self._objects[key].get(unique_key, current)

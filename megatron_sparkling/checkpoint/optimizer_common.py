@@ -72,8 +72,8 @@ def build(target_optimizers: list, source_groups: list, step, grad_scaler=None):
     - DistributedOptimizer (`fully_reshardable`): `optimizer.param_groups` (with `step`) and
       `param_state_sharding_type`;
     - FP32Optimizer (no distributed optimizer): `param_groups` and `state.common_step`.
-    (fp16/bf16 params without the distributed optimizer would also need `fp32_param` tensors;
-    that target is not written.)"""
+    (fp16/bf16 params without the distributed optimizer: Float16OptimizerWithFloat16Params, whose
+    main params expand writes as `optimizer.state.fp32_param.*`: core/layout.StateKind.prefix_for.)"""
     step = _step_value(step)
     identifiers = identifier_keys()
     entries = []

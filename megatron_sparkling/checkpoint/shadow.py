@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import copy
+import dataclasses
 import multiprocessing
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 
 from megatron_sparkling.checkpoint.paths import CheckpointError
 from megatron_sparkling.compat import cpu as cpu_compat
+from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.mcore import model as model_lib
 
 
@@ -336,7 +338,8 @@ def build_layouts(args, ranks, with_optimizer: bool = True, exact: bool = True) 
     """RankLayouts of the given global ranks of the run described by `args` (in a worker).
 
     `exact=False` allows megatron-core's local layer spec in place of a Transformer Engine
-    spec where TE is missing (same keys, shapes and param groups; not the same bucket layout).
+    spec where TE is missing (same shapes and param groups; not the same bucket layout; keys
+    as the local spec names them: `spelled_like` gives them a checkpoint's names).
     Under torch.distributed, rank 0 builds and every rank receives the result (collective)."""
     args = copy.copy(args)
     args.world_size = int(args.world_size)
@@ -352,6 +355,20 @@ def build_layouts(args, ranks, with_optimizer: bool = True, exact: bool = True) 
             raise box[0]
         return box[0]
     return _build_here(args, ranks, with_optimizer, exact)
+
+
+def spelled_like(layouts: list, keys) -> list:
+    """`layouts` with every checkpoint key named as `keys` (a checkpoint's model keys) name the
+    same tensor (core/layout.py SPEC_SPELLINGS): a model rebuilt with the local spec in place of
+    Transformer Engine's asks for a TE MoE layer's pre-MLP norm by the local name."""
+    keys = set(keys)
+    for lay in layouts:
+        lay.global_shapes = {layout_lib.spelled_like(k, keys): shape
+                             for k, shape in lay.global_shapes.items()}
+        for tensor in lay.tensors.values():
+            tensor.pieces = [dataclasses.replace(p, key=layout_lib.spelled_like(p.key, keys))
+                             for p in tensor.pieces]
+    return layouts
 
 
 def _build_here(args, ranks, with_optimizer: bool, exact: bool) -> list:

@@ -177,6 +177,16 @@ class StateKind:
     moment: bool       # grown by the optimizer-state rules (operators/optimizer.py); else a weight
     required: bool     # expand writes it for every param with optimizer state (Adam's; missing in
                        # the source is an error), else only where the source carries it
+    float16_prefix: Optional[str] = None   # its prefix for Float16OptimizerWithFloat16Params
+
+    def prefix_for(self, args) -> str:
+        """The prefix a run with `args` asks this state under when it loads: megatron-core's
+        Float16OptimizerWithFloat16Params (--bf16/--fp16 without --use-distributed-optimizer)
+        names its main params `fp32_param.`; every other optimizer the first prefix."""
+        half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+        if self.float16_prefix and half and not getattr(args, "use_distributed_optimizer", False):
+            return self.float16_prefix
+        return self.prefixes[0]
 
 
 # THE table of optimizer-state kinds: prefix parsing, the growth methods' kinds, the moment rules,
@@ -185,7 +195,7 @@ STATE_KINDS = (
     # the fp32 main param: `param.` (fully_reshardable), `fp32_param.` (fp16/bf16 without the
     # distributed optimizer, fully_sharded_model_space)
     StateKind("param", ("optimizer.state.param.", "optimizer.state.fp32_param."), "param",
-              moment=False, required=True),
+              moment=False, required=True, float16_prefix="optimizer.state.fp32_param."),
     StateKind("exp_avg", ("optimizer.state.exp_avg.",), "exp_avg", moment=True, required=True),
     StateKind("exp_avg_sq", ("optimizer.state.exp_avg_sq.",), "exp_avg_sq", moment=True,
               required=True),
@@ -267,6 +277,34 @@ def resolve(key: str, swiglu: bool = True) -> TensorLayout:
                 dims = (Dim(Axis.LAYER, Role.UNIT),) + dims
             return TensorLayout(key, entry.kind, dims, layer, stacked, entry.feeds_output)
     raise UnknownTensorError(key)
+
+
+# One tensor, two names: the local spec saves its norms under Transformer Engine's fused names
+# (`input_layernorm.` as `self_attention.linear_qkv.layer_norm_`, `pre_mlp_layernorm.` as
+# `mlp.linear_fc1.layer_norm_`), but TE's MoE layers keep a separate pre-MLP norm (TENorm) and
+# save `pre_mlp_layernorm.`. A model built with the other spec asks for the other name.
+SPEC_SPELLINGS = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+                  ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
+
+
+def spelled_like(key: str, stored) -> str:
+    """`key` (optimizer prefix kept) under the name `stored` (checkpoint keys) gives the same
+    tensor: its other spec's spelling (SPEC_SPELLINGS) when only that one is stored, else
+    `key` itself."""
+    if key in stored:
+        return key
+    prefix, model_key = split_state_key(key)
+    m = _LAYER_KEY.match(model_key)
+    if not m:
+        return key
+    head, rest = model_key[:m.start(2)], m.group(2)
+    for a, b in SPEC_SPELLINGS:
+        for mine, other in ((a, b), (b, a)):
+            if rest.startswith(mine) and not is_extra_state(rest):
+                candidate = prefix + head + other + rest[len(mine):]
+                if candidate in stored:
+                    return candidate
+    return key
 
 
 def layer_of_key(key: str) -> Optional[int]:

@@ -154,14 +154,14 @@ def fit_shape(tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
 
 
 def fill_from_global(sharded_state_dict, tensor_of: TensorOf,
-                     object_of: Optional[Callable[[str], object]] = None):
+                     object_of: Optional[Callable[[str, object], object]] = None):
     """A state dict to `load_state_dict` with, each shard cut from `tensor_of(key, global shape)`.
 
     `tensor_of` is called once per key (cached while its shards are cut), so a caller can grow
     or read one global tensor at a time; a tensor whose ShardedTensor allows a shape mismatch
     (embedding, output layer: the padded vocabulary) is fitted as Megatron's loader fits it
-    (`fit_shape`). `object_of(unique_key)` supplies ShardedObjects; by
-    default they keep the values already in the sharded state dict. ShardedTensorFactories (e.g.
+    (`fit_shape`). `object_of(unique_key, data)` supplies ShardedObjects (`data`: the value in
+    the sharded state dict, kept by default). ShardedTensorFactories (e.g.
     SwiGLU fc1 stored as [gate; up]) are built and merged exactly as dist_checkpointing does.
     """
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
@@ -191,7 +191,7 @@ def fill_from_global(sharded_state_dict, tensor_of: TensorOf,
                 target.copy_(full[item.global_slice()].to(target.dtype))
             return target
         if isinstance(item, ShardedObject):
-            return object_of(item.unique_key) if object_of is not None else item.data
+            return object_of(item.unique_key, item.data) if object_of is not None else item.data
         return item
 
     dict_list_map_inplace(fetch, sharded)
@@ -302,17 +302,19 @@ def load_live(args, model, optimizer, state: dict, strict: bool = True, step=Non
         optimizer.reload_model_params()
 
 
-def fill_live(args, model, optimizer, tensor_of: TensorOf, step=None, strict: bool = True) -> None:
+def fill_live(args, model, optimizer, tensor_of: TensorOf, step=None, strict: bool = True,
+              object_of=None) -> None:
     """Every tensor of the live model, and of its optimizer's state when `optimizer` is given,
     cut from `tensor_of(key, global shape)` (model keys, and `optimizer.state.<kind>.<model
-    key>` in model space); the optimizer continues at `step`. Raises GlobalShapeError when a
-    produced tensor does not fit the model."""
+    key>` in model space); the optimizer continues at `step`; ShardedObjects (`_extra_state`)
+    from `object_of` as fill_from_global takes it (default: the live model's own). Raises
+    GlobalShapeError when a produced tensor does not fit the model."""
     if optimizer is not None:
         initialize_empty_state(optimizer)
     sharded = build_state_dict(args, model, optimizer, None, model_space_metadata(args),
                                with_optimizer=optimizer is not None, with_rng=False,
                                is_loading=True)
-    state = fill_from_global(sharded, tensor_of)
+    state = fill_from_global(sharded, tensor_of, object_of)
     del sharded
     load_live(args, model, optimizer, state, strict=strict, step=step)
 

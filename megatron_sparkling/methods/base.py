@@ -122,7 +122,9 @@ class Grower:
         and `live.state.gather_global` give them) to their data, for every shard of `key`. Returns
         the grown model's unique keys and data: each object dimension (layer, expert) follows
         its plan unit map; a new unit's object is a deep copy of its source's (TE: the twin's
-        FP8 metadata); a unit with no source gets None (the module's default state)."""
+        FP8 metadata); a unit with no source (fresh: zero, random) copies unit 0 of that axis,
+        since TE's grouped-linear load merges every gemm's FP8 state and refuses a None beside
+        gemm 0's (its scales then adapt from a real history, as a copied unit's do)."""
         axes = layout_lib.object_axes(key, self.spec.source.swiglu)
         by_offset, shape = {}, None
         for unique, data in objects.items():
@@ -137,8 +139,8 @@ class Grower:
         out = {}
         for index in torch.cartesian_prod(*[torch.arange(m.new) for m in maps]).view(
                 -1, len(maps)).tolist():
-            source = tuple(int(m.source[i]) for m, i in zip(maps, index))
-            data = None if min(source) < 0 else copy.deepcopy(by_offset.get(source))
+            source = tuple(max(int(m.source[i]), 0) for m, i in zip(maps, index))
+            data = copy.deepcopy(by_offset.get(source))
             out[layout_lib.object_unique_key(key, tuple(index), new_shape)] = data
         return out
 

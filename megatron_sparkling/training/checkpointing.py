@@ -26,7 +26,9 @@ from megatron_sparkling.checkpoint.paths import (
     iteration_dir,
     tracker_path,
 )
+from megatron_sparkling.checkpoint.dcp import DcpCheckpoint
 from megatron_sparkling.compat.optimizer import initialize_empty_state
+from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.live.state import (
     build_state_dict,
     load_live,
@@ -83,6 +85,19 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler,
     return ckpt_dir
 
 
+def _ask_by_stored_names(sharded, ckpt_dir: str) -> None:
+    """Ask for each tensor by the name the checkpoint stores it under: a Transformer Engine
+    MoE checkpoint loaded by the local spec (a CPU run) names the pre-MLP norm
+    `pre_mlp_layernorm.`, the local spec `mlp.linear_fc1.layer_norm_` (and the reverse)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    stored = DcpCheckpoint(ckpt_dir).tensors
+    for item in nested_values(sharded):
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            item.key = layout_lib.spelled_like(item.key, stored)
+
+
 def load_checkpoint(args, model, optimizer, scheduler, load_dir: Optional[str] = None,
                     strict: bool = True) -> tuple[int, float]:
     """Load --load into model, optimizer, scheduler and RNG, as Megatron-LM's load_checkpoint.
@@ -137,6 +152,7 @@ def load_checkpoint(args, model, optimizer, scheduler, load_dir: Optional[str] =
     sharded = build_state_dict(args, model, optimizer if load_optim else None,
                                scheduler if load_optim else None, metadata,
                                with_optimizer=load_optim, with_rng=load_rng, is_loading=True)
+    _ask_by_stored_names(sharded, ckpt_dir)
     sharded["args"] = None
     sharded["iteration"] = None
     sharded["num_floating_point_operations_so_far"] = None
