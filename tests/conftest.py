@@ -127,3 +127,15 @@ def read_metrics(path) -> list[dict]:
 
 def train_losses(records) -> dict[int, float]:
     return {r["iteration"]: r["lm loss"] for r in records if "lm loss" in r}
+
+
+def edit_common_state(checkpoint_dir, edit) -> None:
+    """Change a saved checkpoint's common state (args, growth record, ...) with `edit(common)`:
+    read as megatron-core reads it (common.pt, or the `common_state` object newer releases
+    write) and written back as common.pt, which megatron-core and the project read first."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
+    edit(common)
+    torch.save(common, os.path.join(str(checkpoint_dir), "common.pt"))

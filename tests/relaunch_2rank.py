@@ -18,11 +18,11 @@ def end_case() -> None:
     (a second rendezvous through torchrun's store would hang)."""
     from megatron.core import parallel_state as mpu
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_sparkling.live.state import reset_moe_loss_tracker
 
     torch.distributed.barrier()
     destroy_num_microbatches_calculator()
-    get_moe_layer_wise_logging_tracker().clear()
+    reset_moe_loss_tracker()
     mpu.destroy_model_parallel()
 
 

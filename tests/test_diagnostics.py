@@ -5,12 +5,11 @@ import copy
 import io
 import json
 import math
-import os
 
 import pytest
 import torch
 
-from conftest import megatron_run, tiny_moe_flags
+from conftest import edit_common_state, megatron_run, tiny_moe_flags
 from element_copy import element_copy
 from megatron_sparkling import diagnostics as dg
 from megatron_sparkling.core import layout
@@ -232,10 +231,7 @@ def test_twin_cosines_on_global_tensors_every_axis(narrow):
 
 def _inject_growth_record(checkpoint_dir, record):
     """What the converter does: store Grower.record() in the common state under `sparkling`."""
-    path = os.path.join(checkpoint_dir, "common.pt")
-    common = torch.load(path, weights_only=False)
-    common[dg.RECORD_KEY] = record
-    torch.save(common, path)
+    edit_common_state(checkpoint_dir, lambda common: common.update({dg.RECORD_KEY: record}))
 
 
 def _verify(argv):

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, megatron_run, saved_and_continued, tiny_moe_flags
+from conftest import (REPO, edit_common_state, megatron_run, saved_and_continued,
+                      tiny_moe_flags)
 from megatron_sparkling.cli import main
 
 SAVE_AT, TOTAL = 4, 8
@@ -299,8 +300,9 @@ def test_bad_inputs_fail_before_writing_with_one_line(source, tmp_path, capsys):
 
     iter_dir = "iter_0000004"
     missing = _copy(src, tmp_path / "missing")
-    os.remove(missing / iter_dir / "__0_1.distcp")
-    refused("--load", missing, "--save", dst, match="__0_1.distcp is missing")
+    shard = sorted(p.name for p in (missing / iter_dir).glob("*.distcp"))[-1]
+    os.remove(missing / iter_dir / shard)
+    refused("--load", missing, "--save", dst, match=f"{shard} is missing")
     truncated = _copy(src, tmp_path / "truncated")
     with open(truncated / iter_dir / "__0_0.distcp", "r+b") as f:
         f.truncate(1000)
@@ -312,9 +314,7 @@ def test_bad_inputs_fail_before_writing_with_one_line(source, tmp_path, capsys):
     refused("--load", foreign, "--save", dst, match="neither a torch_dist checkpoint")
 
     lying = _copy(src, tmp_path / "lying")
-    common = torch.load(lying / iter_dir / "common.pt", weights_only=False)
-    common["args"].hidden_size = 96
-    torch.save(common, lying / iter_dir / "common.pt")
+    edit_common_state(lying / iter_dir, lambda common: setattr(common["args"], "hidden_size", 96))
     refused("--load", lying, "--save", dst, match="the checkpoint's args do not describe its tensors")
 
 

@@ -1,12 +1,10 @@
 """Growth on load (megatron_sparkling.live.load_hook): a run started wider with --load at a narrow
 checkpoint grows it in memory, with no conversion step, and ends in the same state as
 `megatron-sparkling expand` followed by a normal load."""
-import os
-
 import pytest
-import torch
 
-from conftest import PRETRAIN, megatron_run, read_metrics, tiny_moe_flags, torchrun, train_losses
+from conftest import (PRETRAIN, edit_common_state, megatron_run, read_metrics, tiny_moe_flags,
+                      torchrun, train_losses)
 
 SAVE_AT, TOTAL = 3, 8
 NARROW = dict(train_iters=TOTAL, lr_warmup_iters=2, hidden_dropout=0, attention_dropout=0,
@@ -129,10 +127,8 @@ def test_precision_aware_optimizer_state_is_refused_before_growing(narrow, corpu
 
     root = tmp_path / "ckpt"
     shutil.copytree(narrow[0], root)
-    common_pt = root / f"iter_{SAVE_AT:07d}" / "common.pt"
-    common = torch.load(common_pt, weights_only=False)
-    common["args"].use_precision_aware_optimizer = True
-    torch.save(common, common_pt)
+    edit_common_state(root / f"iter_{SAVE_AT:07d}",
+                      lambda common: setattr(common["args"], "use_precision_aware_optimizer", True))
     flags = tiny_moe_flags(corpus_prefix, load=str(root), **WIDE, **GROWTH)
     with pytest.raises(CheckpointError) as info:
         with megatron_run(flags):

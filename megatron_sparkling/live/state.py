@@ -338,7 +338,15 @@ def carry_position(args, from_args) -> None:
 
 def reset_moe_loss_tracker() -> None:
     """megatron-core sizes its per-layer MoE aux-loss tracker once, by the depth it first saw;
-    a model of another depth needs it rebuilt."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    a model of another depth needs it rebuilt (0.17+: a tracker object, 0.16: a dict)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import (
+            MoEMetricsTracker,
+            set_moe_metrics_tracker,
+        )
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    get_moe_layer_wise_logging_tracker().clear()
+        get_moe_layer_wise_logging_tracker().clear()
+        return
+    set_moe_metrics_tracker(MoEMetricsTracker())

@@ -10,6 +10,7 @@ import torch
 
 from megatron_sparkling.compat import cpu as cpu_compat
 from megatron_sparkling.compat.cpu import have_gpu, have_transformer_engine
+from megatron_sparkling.live.state import reset_moe_loss_tracker
 from megatron_sparkling.training import arguments
 
 
@@ -85,11 +86,9 @@ def shutdown() -> None:
     """Tear down what initialize() built, so a process can train again (tests do)."""
     from megatron.core import parallel_state as mpu
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
     destroy_num_microbatches_calculator()
     # sized by the run's layer count: a later run in this process may have another
-    get_moe_layer_wise_logging_tracker().clear()
+    reset_moe_loss_tracker()
     mpu.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
