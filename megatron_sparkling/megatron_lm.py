@@ -27,8 +27,10 @@ def _say(message: str) -> None:
 
 
 def main(argv: list) -> None:
-    if not argv or not argv[0].endswith(".py") or not os.path.isfile(argv[0]):
-        sys.exit(f"{USAGE}\n(got {argv[0] if argv else 'no script'}: not a Python file)")
+    if not argv:
+        sys.exit(USAGE)
+    if not argv[0].endswith(".py") or not os.path.isfile(argv[0]):
+        sys.exit(f"megatron_sparkling.megatron_lm: {argv[0]} is not a Python file; {USAGE}")
     script, flags = os.path.abspath(argv[0]), argv[1:]
     # The script's own directory first, as `python script.py` would have it: Megatron-LM's
     # `megatron` package (and gpt_builders, model_provider) come from its tree.
@@ -38,7 +40,11 @@ def main(argv: list) -> None:
         refused = cpu_megatron_lm.refusal(flags)
         if refused:
             sys.exit(f"megatron_sparkling.megatron_lm: {refused}")
-        cpu_megatron_lm.apply()
+        try:
+            cpu_megatron_lm.apply()
+        except ImportError as e:
+            sys.exit(f"megatron_sparkling.megatron_lm: cannot import Megatron-LM next to {script} "
+                     f"({e}); give the pretrain_gpt.py of a Megatron-LM checkout at core_v0.16.1")
         _say("no GPU: megatron-core and megatron.training bridged to CPU; added "
              + (" ".join(added) if added else "no flags (all given)"))
     sys.argv = [script, *flags]

@@ -28,6 +28,13 @@ CPU_FLAGS = (
 )
 
 
+# megatron-core's local (non-TE) expert path adds the expert bias in place on a view
+# (mlp.py:247), which autograd forbids: MoE with biased linears cannot train without TE.
+BIASED_MOE = ("megatron-core's local MoE expert path fails with biased linears (Megatron's "
+              "default; mlp.py:247 'Output 0 of _ReduceFromModelParallelRegion is a view and is "
+              "being modified inplace'): add --disable-bias-linear")
+
+
 def _given(argv: list, flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
@@ -55,9 +62,7 @@ def refusal(argv: list) -> Optional[str]:
     experts = _value(argv, "--num-experts")
     if experts not in (None, "0") and not _given(argv, "--disable-bias-linear") \
             and _value(argv, "--transformer-impl") == "local":
-        return ("megatron-core's local MoE expert path fails with biased linears (Megatron's "
-                "default; mlp.py:247 'Output 0 of _ReduceFromModelParallelRegion is a view and is "
-                "being modified inplace'): add --disable-bias-linear")
+        return BIASED_MOE
     return None
 
 
