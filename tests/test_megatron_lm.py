@@ -9,7 +9,6 @@ Megatron-LM prints losses with 7 significant digits, so equality is checked to 1
 Launches are few (each costs Megatron-LM's start-up): the narrow and grown checkpoints are shared.
 """
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 from conftest import (MEGATRON_LM_DIR, PRETRAIN, REPO, free_port, megatron_lm_missing,
                       read_metrics, train_losses)
 from megatron_sparkling.compat import megatron_lm as cpu_megatron_lm
+from megatron_sparkling.planning.loss_log import megatron_lm_run_losses
 
 REL = 1e-6
 NARROW_ITERS, GROWN_AT = 24, 20
@@ -45,23 +45,9 @@ def needs_megatron_lm(test):
     return pytest.mark.slow(pytest.mark.skipif(missing is not None, reason=missing or "")(test))
 
 
-LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([0-9.Ee+-]+) \|")
-
-
-def megatron_lm_losses(output: str) -> dict:
-    """{iteration: lm loss} from Megatron-LM's log lines (--log-interval 1). Megatron-LM logs its
-    first iteration without resetting the running sums (training.py: should_reset), so its
-    second line is the mean of the first two iterations: undone here."""
-    found = [(int(i), float(v)) for i, v in LOSS_LINE.findall(output)]
-    losses = dict(found)
-    if len(found) >= 2:
-        (first, a), (second, mean) = found[:2]
-        losses[second] = 2 * mean - a
-    return losses
-
-
 def assert_close(got: float, want: float):
-    assert abs(got - want) <= REL * abs(want), f"{got} != {want} (relative {abs(got - want) / abs(want):.2e})"
+    rel = abs(got - want) / abs(want)
+    assert rel <= REL, f"{got} != {want} (relative {rel:.2e})"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +76,7 @@ def run_megatron_lm(script: str, flags: list, nproc: int = 1) -> tuple[dict, str
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-8000:]}"
-    return megatron_lm_losses(proc.stdout), out
+    return megatron_lm_run_losses(proc.stdout), out
 
 
 def run_pretrain_moe(flags: list, metrics: str) -> dict:
@@ -158,8 +144,7 @@ def test_growth_on_load_with_copy_at_two_processes_ep2(megatron_lm, narrow):
     _, narrow_losses, _ = narrow
     losses, out = run_megatron_lm(megatron_lm, TINY_MOE + WIDE + [
         "--expert-model-parallel-size", "2", "--load", narrow[0], "--ckpt-step", str(GROWN_AT),
-        "--no-load-rng", "--sparkling-method", "copy", "--train-iters", str(GROWN_AT + 1)],
-        nproc=2)
+        "--no-load-rng", "--sparkling-method", "copy"], nproc=2)
     assert "method copy" in out
     assert_close(losses[GROWN_AT + 1], narrow_losses[GROWN_AT + 1])
 
@@ -175,8 +160,7 @@ def test_expand_then_a_normal_load(megatron_lm, narrow, tmp_path):
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses, out = run_megatron_lm(megatron_lm, TINY_MOE + WIDE + [
-        "--load", expanded, "--no-load-rng", "--sparkling-rewarmup-iters", "4",
-        "--train-iters", str(NARROW_ITERS)])
+        "--load", expanded, "--no-load-rng", "--sparkling-rewarmup-iters", "4"])
     assert "SPARKLING: growing" not in out and "SPARKLING re-warmup" in out
     assert_close(losses[GROWN_AT + 1], narrow_losses[GROWN_AT + 1])
 
@@ -201,8 +185,7 @@ def test_a_pretrain_moe_checkpoint_loads_in_megatron_lm(megatron_lm, pretrain_mo
 @needs_megatron_lm
 def test_a_megatron_lm_checkpoint_loads_in_pretrain_moe(narrow, tmp_path):
     save, theirs, _ = narrow
-    losses = run_pretrain_moe(TINY_MOE + ["--load", save, "--ckpt-step", str(GROWN_AT),
-                                          "--train-iters", str(NARROW_ITERS)],
+    losses = run_pretrain_moe(TINY_MOE + ["--load", save, "--ckpt-step", str(GROWN_AT)],
                               str(tmp_path / "metrics.jsonl"))
     assert_close(losses[GROWN_AT + 1], theirs[GROWN_AT + 1])
 
@@ -237,3 +220,10 @@ def test_bad_launcher_input_is_one_line(tmp_path, script, message):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr
     assert "Traceback" not in proc.stderr and "must not run" not in proc.stderr
+
+
+def test_megatron_lm_losses_undo_the_first_iteration_running_sum():
+    line = (" [2026-11-30 11:36:41] iteration {:8d}/      24 | consumed samples: 168 | "
+            "learning rate: 1.5E-04 | global batch size:     8 | lm loss: {:.6E} | loss scale: 1.0 |")
+    log = "\n".join(line.format(i, v) for i, v in [(21, 5.5), (22, (5.5 + 5.25) / 2), (23, 5.0)])
+    assert megatron_lm_run_losses(log) == {21: 5.5, 22: 5.25, 23: 5.0}
