@@ -29,7 +29,7 @@ test-quick: setup
 # make test-megatron-lm MEGATRON_LM_DIR=/path/to/Megatron-LM   (a work tree at tag core_v0.16.1)
 test-megatron-lm: setup
 	@test -n "$(MEGATRON_LM_DIR)" || { echo "set MEGATRON_LM_DIR to a Megatron-LM work tree at tag core_v0.16.1 (git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout core_v0.16.1)"; exit 2; }
-	MEGATRON_LM_DIR=$(abspath $(MEGATRON_LM_DIR)) $(BIN)/python -m pytest -q -rs tests/test_megatron_lm.py tests/test_patches.py
+	MEGATRON_LM_DIR=$(abspath $(MEGATRON_LM_DIR)) $(BIN)/python -m pytest -q -rsP tests/test_megatron_lm.py tests/test_patches.py
 
 clean:
 	rm -rf $(VENV) data runs

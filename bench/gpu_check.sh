@@ -38,7 +38,8 @@ if [ "$DRY_RUN" = 1 ]; then   # CPU: fp32, local layers, gloo; tiny sizes
     NARROW=(--hidden-size 64 --moe-ffn-hidden-size 64); WIDE_H=128; WIDE_F=128
     GPU_FLAGS=()
 else
-    MODE="GPU: $("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0))"), bf16, TE, grouped GEMM, NCCL"
+    DEVICE=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0))")
+    MODE="GPU: $DEVICE, bf16 (fp32 main params), TE layers, grouped GEMM, NCCL"
     TOL=${TOL:-2e-2}; N=40
     SIZES=(--num-layers 4 --num-attention-heads 8 --kv-channels 32 --num-experts 8
            --seq-length 512 --max-position-embeddings 512 --micro-batch-size 8
@@ -60,7 +61,9 @@ REWARMUP=(--sparkling-rewarmup-iters 10 --sparkling-rewarmup-peak-ratio 1.3)
 rm -rf "$OUT"; mkdir -p "$OUT"
 echo "bench/gpu_check.sh: $MODE; narrow $N iterations, grown at $N, next iteration $((N + 1))"
 
-port() { "$PYTHON" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
+port() {
+    "$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
+}
 
 run_client() {  # run_client NAME: one run of the client with the rest of the flags -> $OUT/NAME.log
     local name=$1; shift
@@ -119,7 +122,8 @@ fi
 "$PYTHON" - "$OUT" "$((N + 1))" "$TOL" "$MODE" "${CLIENTS[@]}" <<'PY' | tee "$OUT/results.txt"
 import os, sys
 from megatron_sparkling.planning.loss_log import megatron_lm_run_losses, read_loss_curve
-out, it, tol, mode, clients = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5:]
+out, it, tol, mode = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+clients = sys.argv[5:]
 print(f"next-iteration loss (iteration {it}); {mode}; tolerance {tol:g} relative")
 print(f"{'client':13} {'wide run':16} {'narrow':>12} {'wide':>12} {'rel. diff':>10}")
 bad = 0

@@ -45,9 +45,10 @@ def needs_megatron_lm(test):
     return pytest.mark.slow(pytest.mark.skipif(missing is not None, reason=missing or "")(test))
 
 
-def assert_close(got: float, want: float):
+def assert_close(got: float, want: float, case: str):
     rel = abs(got - want) / abs(want)
-    assert rel <= REL, f"{got} != {want} (relative {rel:.2e})"
+    print(f"{case}: {got:.6f} beside {want:.6f} (relative difference {rel:.1e})")
+    assert rel <= REL, f"{case}: {got} != {want} (relative {rel:.2e})"
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,8 @@ def test_growth_on_load_with_sparkling_keeps_the_next_loss(narrow, grown):
     _, narrow_losses, _ = narrow
     _, losses, out = grown
     assert "SPARKLING: growing" in out and "hidden_size 64 -> 128" in out
-    assert_close(losses[GROWN_AT + 1], narrow_losses[GROWN_AT + 1])
+    assert_close(losses[GROWN_AT + 1], narrow_losses[GROWN_AT + 1],
+                 "growth on load, sparkling, 1 process: iteration 21")
 
 
 @needs_megatron_lm
@@ -136,7 +138,8 @@ def test_a_grown_run_resumed_inside_the_rewarmup_equals_the_straight_run(megatro
     assert "re-warmup (resumed" in out       # the normal-load path: no growth, the ramp goes on
     assert sorted(losses) == list(range(23, NARROW_ITERS + 1))
     for it in losses:
-        assert_close(losses[it], straight[it])
+        assert_close(losses[it], straight[it],
+                     f"resumed inside the re-warmup: iteration {it}")
 
 
 @needs_megatron_lm
@@ -146,7 +149,8 @@ def test_growth_on_load_with_copy_at_two_processes_ep2(megatron_lm, narrow):
         "--expert-model-parallel-size", "2", "--load", narrow[0], "--ckpt-step", str(GROWN_AT),
         "--no-load-rng", "--sparkling-method", "copy"], nproc=2)
     assert "method copy" in out
-    assert_close(losses[GROWN_AT + 1], narrow_losses[GROWN_AT + 1])
+    assert_close(losses[GROWN_AT + 1], narrow_losses[GROWN_AT + 1],
+                 "growth on load, copy, 2 processes EP=2: iteration 21")
 
 
 @needs_megatron_lm
@@ -162,7 +166,8 @@ def test_expand_then_a_normal_load(megatron_lm, narrow, tmp_path):
     losses, out = run_megatron_lm(megatron_lm, TINY_MOE + WIDE + [
         "--load", expanded, "--no-load-rng", "--sparkling-rewarmup-iters", "4"])
     assert "SPARKLING: growing" not in out and "SPARKLING re-warmup" in out
-    assert_close(losses[GROWN_AT + 1], narrow_losses[GROWN_AT + 1])
+    assert_close(losses[GROWN_AT + 1], narrow_losses[GROWN_AT + 1],
+                 "expand + normal load: iteration 21")
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +184,8 @@ def test_a_pretrain_moe_checkpoint_loads_in_megatron_lm(megatron_lm, pretrain_mo
     save, theirs = pretrain_moe_narrow
     losses, _ = run_megatron_lm(megatron_lm, TINY_MOE + ["--load", save, "--ckpt-step",
                                                          str(GROWN_AT)])
-    assert_close(losses[GROWN_AT + 1], theirs[GROWN_AT + 1])
+    assert_close(losses[GROWN_AT + 1], theirs[GROWN_AT + 1],
+                 "pretrain_moe checkpoint loaded by Megatron-LM: iteration 21")
 
 
 @needs_megatron_lm
@@ -187,7 +193,8 @@ def test_a_megatron_lm_checkpoint_loads_in_pretrain_moe(narrow, tmp_path):
     save, theirs, _ = narrow
     losses = run_pretrain_moe(TINY_MOE + ["--load", save, "--ckpt-step", str(GROWN_AT)],
                               str(tmp_path / "metrics.jsonl"))
-    assert_close(losses[GROWN_AT + 1], theirs[GROWN_AT + 1])
+    assert_close(losses[GROWN_AT + 1], theirs[GROWN_AT + 1],
+                 "Megatron-LM checkpoint loaded by pretrain_moe: iteration 21")
 
 
 # ------------------------------------------------------------ the launcher, no Megatron-LM needed
@@ -224,6 +231,7 @@ def test_bad_launcher_input_is_one_line(tmp_path, script, message):
 
 def test_megatron_lm_losses_undo_the_first_iteration_running_sum():
     line = (" [2026-11-30 11:36:41] iteration {:8d}/      24 | consumed samples: 168 | "
-            "learning rate: 1.5E-04 | global batch size:     8 | lm loss: {:.6E} | loss scale: 1.0 |")
+            "learning rate: 1.5E-04 | global batch size:     8 | lm loss: {:.6E} | "
+            "loss scale: 1.0 |")
     log = "\n".join(line.format(i, v) for i, v in [(21, 5.5), (22, (5.5 + 5.25) / 2), (23, 5.0)])
     assert megatron_lm_run_losses(log) == {21: 5.5, 22: 5.25, 23: 5.0}
