@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := data/stdlib_text_document
 
-.PHONY: setup demo test test-quick test-compat clean
+.PHONY: setup demo test test-quick test-compat test-megatron-lm clean
 
 $(BIN)/.installed: setup.py requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ compat-%:
 	.venv-mcore-$*/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	.venv-mcore-$*/bin/python -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
 	.venv-mcore-$*/bin/python -m pytest -q -m "not slow"
+
+# Megatron-LM's own pretrain_gpt.py through the CPU launcher (tests/test_megatron_lm.py):
+# make test-megatron-lm MEGATRON_LM_DIR=/path/to/Megatron-LM   (a work tree at tag core_v0.16.1)
+test-megatron-lm: setup
+	@test -n "$(MEGATRON_LM_DIR)" || { echo "set MEGATRON_LM_DIR to a Megatron-LM work tree at tag core_v0.16.1 (git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout core_v0.16.1)"; exit 2; }
+	MEGATRON_LM_DIR=$(abspath $(MEGATRON_LM_DIR)) $(BIN)/python -m pytest -q -rsP tests/test_megatron_lm.py tests/test_patches.py
 
 clean:
 	rm -rf $(VENV) .venv-mcore-* data runs

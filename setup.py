@@ -1,6 +1,8 @@
 """megatron_sparkling: grow a Mixture-of-Experts model between Megatron-LM pre-training stages."""
 from setuptools import find_packages, setup
 
+MEGATRON_LM = ["pybind11", "triton", "six", "regex"]
+
 setup(
     name="megatron-sparkling",
     version="0.1.0",
@@ -26,7 +28,10 @@ setup(
         "gpu": ["transformer_engine[pytorch]"],
         "wandb": ["wandb"],
         "bench": ["matplotlib"],
-        "dev": ["pytest", "matplotlib", "wandb"],
+        # What Megatron-LM's own pretrain_gpt.py needs beyond megatron-core on a plain machine
+        # (megatron.training imports triton, six, regex; pybind11 builds its dataset helpers).
+        "megatron-lm": MEGATRON_LM,
+        "dev": ["pytest", "matplotlib", "wandb", *MEGATRON_LM],
     },
     entry_points={"console_scripts": ["megatron-sparkling=megatron_sparkling.cli:main"]},
 )

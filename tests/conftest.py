@@ -17,6 +17,20 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "examples", "pretrain_moe.py")
 CORPUS_TOKENS = 1_500_000
+# A Megatron-LM work tree at tag core_v0.16.1 (the tag patches/ targets), for the tests that run
+# Megatron-LM itself (tests/test_megatron_lm.py, tests/test_patches.py); no default path.
+MEGATRON_LM_DIR = os.environ.get("MEGATRON_LM_DIR")
+
+
+def megatron_lm_missing():
+    """Why the Megatron-LM tests cannot run here, or None when $MEGATRON_LM_DIR is usable."""
+    if not MEGATRON_LM_DIR:
+        return ("MEGATRON_LM_DIR is not set (a Megatron-LM work tree at tag core_v0.16.1: "
+                "git clone https://github.com/NVIDIA/Megatron-LM && git checkout core_v0.16.1)")
+    for rel in ("pretrain_gpt.py", os.path.join("megatron", "training")):
+        if not os.path.exists(os.path.join(MEGATRON_LM_DIR, rel)):
+            return f"MEGATRON_LM_DIR={MEGATRON_LM_DIR} holds no {rel}: not a Megatron-LM work tree"
+    return None
 
 
 def pytest_configure(config):

@@ -29,7 +29,8 @@ def test_transformer_config_fields_are_flags_with_megatron_names():
 
 
 def test_derived_values_follow_megatron_lm():
-    args = _args("--swiglu", "--num-experts", "4", "--global-batch-size", "8")
+    args = _args("--swiglu", "--num-experts", "4", "--global-batch-size", "8",
+                 "--disable-bias-linear")
     assert args.ffn_hidden_size == int((4 * 64 * 2 / 3) / 64) * 64
     assert args.moe_ffn_hidden_size == args.ffn_hidden_size
     assert args.kv_channels == 16 and args.data_parallel_size == 1
@@ -45,8 +46,16 @@ def test_derived_values_follow_megatron_lm():
     (["--tensor-model-parallel-size", "3"], 2, r"not divisible by TP\*PP\*CP"),
     (["--bf16"], 1, "need a GPU"),
     (["--lr-warmup-iters", "10"], 1, "must be shorter than"),
+    (["--num-experts", "4"], 1, "biased linears.*add --disable-bias-linear"),
 ])
 def test_refusals_are_one_line_and_name_the_fix(extra, world, message):
     with pytest.raises(ArgumentError, match=message) as err:
         _args(*extra, world=world)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("spelling", ["opt-param", "opt_param"])
+def test_megatron_lm_spellings_of_the_scheduler_flags_are_accepted(spelling):
+    args = parse_args(BASE + [f"--override-{spelling}-scheduler",
+                              f"--use-checkpoint-{spelling}-scheduler"])
+    assert args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler

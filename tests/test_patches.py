@@ -1,5 +1,5 @@
-"""The Megatron-LM patch applies to a checkout at core_v0.16.1 ($MEGATRON_LM_DIR, default
-/work/ref/mlm): `git apply --check` on a scratch copy of the files it touches (the checkout is
+"""The Megatron-LM patch applies to a checkout at core_v0.16.1 ($MEGATRON_LM_DIR; skipped
+without it): `git apply --check` on a scratch copy of the files it touches (the checkout is
 never modified)."""
 import os
 import re
@@ -8,11 +8,10 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import MEGATRON_LM_DIR, REPO, megatron_lm_missing
 
 PATCH_DIR = os.path.join(REPO, "patches")
 PATCHES = sorted(os.path.join(PATCH_DIR, n) for n in os.listdir(PATCH_DIR) if n.endswith(".patch"))
-CHECKOUT = os.environ.get("MEGATRON_LM_DIR", "/work/ref/mlm")
 
 
 def _touched(patch: str) -> list:
@@ -29,8 +28,7 @@ def test_patches_exist_and_are_documented():
         assert "megatron_sparkling.extra_args_provider(" in text
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(CHECKOUT, "megatron", "training")),
-                    reason=f"no Megatron-LM checkout at {CHECKOUT} (set MEGATRON_LM_DIR)")
+@pytest.mark.skipif(megatron_lm_missing() is not None, reason=megatron_lm_missing() or "")
 @pytest.mark.parametrize("patch", PATCHES, ids=os.path.basename)
 def test_patch_applies_to_the_megatron_lm_checkout(patch, tmp_path):
     if shutil.which("git") is None:
@@ -38,7 +36,7 @@ def test_patch_applies_to_the_megatron_lm_checkout(patch, tmp_path):
     copy = tmp_path / "mlm"
     for rel in _touched(patch):
         os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
-        shutil.copy2(os.path.join(CHECKOUT, rel), copy / rel)
+        shutil.copy2(os.path.join(MEGATRON_LM_DIR, rel), copy / rel)
     check = subprocess.run(["git", "apply", "--check", "-v", patch], cwd=copy,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

@@ -26,6 +26,8 @@ from megatron_sparkling.checkpoint.paths import (
     checkpoint_to_load,
 )
 from megatron_sparkling.checkpoint.source import open_checkpoint
+from megatron_sparkling.compat.optimizer import (initialize_empty_state,
+                                                 patched_fully_reshardable_load)
 from megatron_sparkling.core.sizes import WIDTH_FIELDS
 from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError, ModelShape, ParallelLayout
 from megatron_sparkling.live import mask_ramp, rewarmup
@@ -336,8 +338,21 @@ def growing_megatron_lm(load_checkpoint):
             except (ImportError, AssertionError):
                 pass
             return out
-        out = load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg=load_arg,
-                              strict=strict, **kwargs)
+        # With torch's Adam (no apex/TE) megatron-core's own load needs what growth on load
+        # gets from live/state.py: optimizer state to load into, the fully_reshardable fix,
+        # no_grad (main params are views of leaf params). Only where optimizer state is loaded:
+        # the dummy step that creates the state would otherwise stay.
+        iteration, release = checkpoint_to_load(getattr(args, load_arg, None),
+                                                getattr(args, "ckpt_step", None))
+        loads_optimizer = (iteration >= 0 and not release and not args.finetune
+                           and not args.no_load_optim
+                           and not kwargs.get("skip_load_to_model_and_opt", False))
+        if loads_optimizer:
+            initialize_empty_state(optimizer)
+        loaded = optimizer if loads_optimizer else None
+        with torch.no_grad(), patched_fully_reshardable_load(loaded):
+            out = load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg=load_arg,
+                                  strict=strict, **kwargs)
         if load_arg == "load":
             after_load(args, ddp_model, optimizer, opt_param_scheduler)
         return out

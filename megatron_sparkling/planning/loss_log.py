@@ -46,3 +46,17 @@ def read_loss_curve(path: str) -> tuple[list, list, dict]:
         a, b = min(flops), max(flops)
         info["flops_per_iteration"] = (flops[b] - flops[a]) / (b - a)
     return its, [curve[i] for i in its], info
+
+
+def megatron_lm_run_losses(output: str) -> dict[int, float]:
+    """{iteration: lm loss} of ONE Megatron-LM launch's stdout (--log-interval 1). Megatron-LM
+    logs a launch's first iteration without resetting its running sums (training.py,
+    `should_reset`), so the second line shows the mean of the first two iterations: undone here.
+    Figures keep the log's 7 significant digits."""
+    found = [(int(m.group(1)), float(m.group(3))) for m in map(_MEGATRON_LINE.search,
+                                                                output.splitlines()) if m]
+    losses = dict(found)
+    if len(found) >= 2 and found[1][0] == found[0][0] + 1:
+        (_, first), (second, mean) = found[:2]
+        losses[second] = 2 * mean - first
+    return losses

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_sparkling.compat.megatron_lm import BIASED_MOE
+
 # TransformerConfig fields that get no generated flag: callables, fields Megatron-LM spells or
 # defaults differently (declared by hand below), and fields derived from other flags.
 _NOT_GENERATED = {
@@ -180,8 +182,11 @@ def _add_optimizer_flags(parser):
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-fraction", type=float, default=None)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
-    g.add_argument("--override-opt-param-scheduler", action="store_true")
-    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true")
+    # Megatron-LM spells these two "--...-opt_param-scheduler"; both spellings are accepted.
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   action="store_true")
+    g.add_argument("--use-checkpoint-opt-param-scheduler",
+                   "--use-checkpoint-opt_param-scheduler", action="store_true")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--start-weight-decay", type=float, default=None)
     g.add_argument("--end-weight-decay", type=float, default=None)
@@ -387,6 +392,7 @@ def validate_args(args: argparse.Namespace, world_size: int, gpu: bool,
                  f"--expert-model-parallel-size {ep}")
         _require(not (tp > 1 and not args.sequence_parallel),
                  "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+        _require(not (args.add_bias_linear and args.transformer_impl == "local"), BIASED_MOE)
     else:
         _require(args.expert_model_parallel_size == 1,
                  "--expert-model-parallel-size > 1 needs --num-experts")
