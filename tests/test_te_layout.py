@@ -32,11 +32,11 @@ def te_renames() -> dict:
 
     keys_map = gpt_layer_specs.get_gpt_layer_local_spec(
         num_experts=4, normalization="RMSNorm").submodules.sharded_state_dict_keys_map
-    te_spec = inspect.getsource(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
+    specs = inspect.getsource(gpt_layer_specs)   # the TE spec's builders (0.16 and newer)
     # TE fuses the input norm into linear_qkv (TELayerNormColumnParallelLinear): the same name
     # the local spec saves it under; an MoE layer's pre-MLP norm is its own TENorm module
-    assert "linear_qkv=backend.column_parallel_layer_norm_linear()" in te_spec
-    assert "pre_mlp_layernorm=backend.layer_norm() if num_experts else IdentityOp" in te_spec
+    assert "linear_qkv=backend.column_parallel_layer_norm_linear()" in specs
+    assert "pre_mlp_layernorm=backend.layer_norm() if num_experts else IdentityOp" in specs
     assert keys_map["input_layernorm."] == "self_attention.linear_qkv.layer_norm_"
     return {keys_map["pre_mlp_layernorm."]: "pre_mlp_layernorm."}
 
