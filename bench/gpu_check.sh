@@ -7,7 +7,10 @@
 # expert FFN size twice: `megatron-sparkling expand` + a wide relaunch, and growth on load. It
 # prints each wide run's next-iteration loss beside the narrow run's and the relative difference
 # (function-preserving growth: equal up to bf16 rounding), writes $OUT/results.txt, and exits 1
-# when a difference exceeds TOL.
+# when a difference exceeds TOL. On a GPU it also runs, through examples/pretrain_moe.py, bf16
+# without the distributed optimizer (megatron-core's Float16 optimizer: fp32_param main params,
+# fused Adam's int step) and, on compute capability >= 8.9, fp8 with grouped GEMM and 8 -> 16
+# experts grown by `zero` (new experts' TE extra state; a finite next loss is what is asked).
 #
 #   bash bench/gpu_check.sh             # a machine with a GPU (TOL default 2e-2: bf16)
 #   bash bench/gpu_check.sh --dry-run   # no GPU: the same steps on CPU with the GPU-only flags
@@ -69,7 +72,7 @@ run_client() {  # run_client NAME: one run of the client with the rest of the fl
     local name=$1; shift
     local start=$SECONDS
     local metrics=()   # pretrain_moe's losses at full precision (Megatron-LM prints 7 digits)
-    [ "$CLIENT" = pretrain_moe ] && metrics=(--log-metrics-path "$OUT/$CLIENT.$name.jsonl")
+    case $CLIENT in pretrain_moe*) metrics=(--log-metrics-path "$OUT/$CLIENT.$name.jsonl") ;; esac
     if ! "${LAUNCH[@]}" "$@" "${metrics[@]}" > "$OUT/$CLIENT.$name.log" 2>&1; then
         echo "bench/gpu_check.sh: $CLIENT $name failed; see $OUT/$CLIENT.$name.log" >&2
         tail -20 "$OUT/$CLIENT.$name.log" >&2; exit 1
@@ -77,19 +80,21 @@ run_client() {  # run_client NAME: one run of the client with the rest of the fl
     echo "  $CLIENT $name: $((SECONDS - start)) s"
 }
 
+GROWTH=(--hidden-size "$WIDE_H" --moe-ffn-hidden-size "$WIDE_F")   # what expand grows
+METHOD=sparkling
 check_client() {  # narrow -> expand -> wide relaunch; narrow -> growth on load
     local dir=$OUT/$CLIENT
     run_client narrow "${COMMON[@]}" "${NARROW[@]}" --save "$dir/narrow" --save-interval "$N"
     local start=$SECONDS
     "$PYTHON" -m megatron_sparkling.cli expand --load "$dir/narrow" --iteration "$N" \
-        --save "$dir/expanded" --hidden-size "$WIDE_H" --moe-ffn-hidden-size "$WIDE_F" \
-        --method sparkling --seed 1 > "$OUT/$CLIENT.expand.log" 2>&1 \
+        --save "$dir/expanded" "${GROWTH[@]}" \
+        --method "$METHOD" --seed 1 > "$OUT/$CLIENT.expand.log" 2>&1 \
         || { echo "bench/gpu_check.sh: expand failed; see $OUT/$CLIENT.expand.log" >&2; exit 1; }
     echo "  $CLIENT expand: $((SECONDS - start)) s"
     run_client expand_relaunch "${COMMON[@]}" "${WIDE[@]}" --load "$dir/expanded" --no-load-rng \
         "${REWARMUP[@]}"
     run_client growth_on_load "${COMMON[@]}" "${WIDE[@]}" --load "$dir/narrow" --ckpt-step "$N" \
-        --no-load-rng --sparkling-method sparkling "${REWARMUP[@]}"
+        --no-load-rng --sparkling-method "$METHOD" "${REWARMUP[@]}"
 }
 
 CLIENTS=(pretrain_moe)
@@ -97,6 +102,33 @@ CLIENT=pretrain_moe
 LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node 1 --master_port "$(port)"
         examples/pretrain_moe.py)
 check_client
+
+if [ "$DRY_RUN" = 0 ]; then
+    # megatron-core's Float16 optimizer (bf16 without the distributed optimizer): expand writes
+    # its main params as optimizer.state.fp32_param.*, and fused Adam's int group step
+    CLIENT=pretrain_moe.float16_optimizer
+    CLIENTS+=("$CLIENT")
+    WITH=("${COMMON[@]}")
+    COMMON=(); for f in "${WITH[@]}"; do [ "$f" = --use-distributed-optimizer ] || COMMON+=("$f"); done
+    check_client
+    COMMON=("${WITH[@]}")
+    # fp8 with grouped GEMM and new experts (zero method: routing changes, so only a finite loss
+    # is asked): new experts' _extra_state (fp8 scale/amax history) copied, grouped-linear merge
+    if "$PYTHON" -c "import sys, torch; sys.exit(torch.cuda.get_device_capability() < (8, 9))"; then
+        CLIENT=pretrain_moe.fp8_new_experts
+        CLIENTS+=("$CLIENT")
+        COMMON=("${WITH[@]}" --fp8-format hybrid)
+        GROWTH=(--num-experts 16); WIDE=(--num-experts 16); METHOD=zero
+        check_client
+    else
+        echo "  fp8: skipped (compute capability below 8.9)"
+    fi
+    COMMON=("${WITH[@]}")
+    GROWTH=(--hidden-size "$WIDE_H" --moe-ffn-hidden-size "$WIDE_F")
+    WIDE=(--hidden-size "$WIDE_H" --moe-ffn-hidden-size "$WIDE_F"); METHOD=sparkling
+    LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node 1 --master_port "$(port)"
+            examples/pretrain_moe.py)
+fi
 
 if [ -n "${MEGATRON_LM_DIR:-}" ]; then
     TREE=$OUT/Megatron-LM   # a patched copy; $MEGATRON_LM_DIR itself is never modified
@@ -137,6 +169,8 @@ for client in clients:
     for run in ("expand_relaunch", "growth_on_load"):
         a, b = loss["narrow"], loss[run]
         rel = abs(b - a) / abs(a) if a is not None and b is not None else float("inf")
+        if client.endswith(".fp8_new_experts"):   # the function changes: a finite loss passes
+            rel = 0.0 if b is not None and b == b and abs(b) != float("inf") else float("inf")
         bad += rel > tol
         print(f"{client:13} {run:16} {a if a is not None else float('nan'):12.6f} "
               f"{b if b is not None else float('nan'):12.6f} {rel:10.2e}"
