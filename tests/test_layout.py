@@ -1,17 +1,25 @@
 """The layout table against real megatron-core models: every key known, every size right."""
+import dataclasses
+
 import pytest
 import torch
 
+from megatron.core.transformer.transformer_config import TransformerConfig
+
 from conftest import megatron_run, tiny_moe_flags
 from megatron_sparkling.core import layout
-from megatron_sparkling.live.state import load_model_global_tensors, model_global_tensors
 from megatron_sparkling.core.spec import ModelShape
+from megatron_sparkling.live.state import load_model_global_tensors, model_global_tensors
+
+# megatron-core 0.16+ (the shared expert's gate; 0.15 has none)
+SHARED_EXPERT_GATE = ({"moe_shared_expert_gate": True} if "moe_shared_expert_gate" in {
+    f.name for f in dataclasses.fields(TransformerConfig)} else {})
 
 CONFIGS = {
     "moe": {},
     "mixed_dense_moe_shared_gqa": {"moe_layer_freq": "[1,0]", "ffn_hidden_size": 96,
                                    "moe_shared_expert_intermediate_size": 96,
-                                   "moe_shared_expert_gate": True, "qk_layernorm": True,
+                                   **SHARED_EXPERT_GATE, "qk_layernorm": True,
                                    "group_query_attention": True, "num_query_groups": 2,
                                    "position_embedding_type": "learned_absolute",
                                    "untie_embeddings_and_output_weights": False},

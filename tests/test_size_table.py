@@ -87,7 +87,8 @@ def test_relaunch_flags_give_megatron_every_target_size():
     # and Megatron-LM reads them back as the same shape
     args = validate_args(parse_args(flags[2:] + [
         "--seq-length", "8", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
-        "--mock-data", "--vocab-size", "128", "--swiglu"]), world_size=1, gpu=False)
+        "--mock-data", "--vocab-size", "128", "--swiglu", "--disable-bias-linear"]), world_size=1,
+        gpu=False)
     back = ModelShape.from_args(args)
     assert {s.field: getattr(back, s.field) for s in SIZES} == {
         s.field: getattr(SHAPE, s.field) for s in SIZES}

@@ -282,15 +282,7 @@ def _build_rank(args, rank: int, with_optimizer: bool) -> RankLayout:
         tensors, shapes, objects = _record_tensors(chunk)
         optimizers = []
         if with_optimizer:
-            from megatron.core.optimizer import (
-                get_megatron_optimizer,
-                get_standard_config_overrides,
-            )
-
-            config = model_lib.optimizer_config_from_args(args)
-            optimizer = get_megatron_optimizer(
-                config, model, config_overrides=get_standard_config_overrides(config),
-                use_gloo_process_groups=False)
+            optimizer = model_lib.build_optimizer(args, model, use_gloo_process_groups=False)
             optimizers = _record_optimizers(optimizer, chunk)
         coordinates = {
             "tp": mpu.get_tensor_model_parallel_rank(),

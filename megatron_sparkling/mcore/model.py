@@ -155,12 +155,23 @@ def optimizer_config_from_args(args):
     return OptimizerConfig(**kw)
 
 
-def build_optimizer(args, model):
-    from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
+def build_optimizer(args, model, **kwargs):
+    """megatron-core's optimizer for `model` as Megatron-LM builds it (`kwargs`: more options of
+    get_megatron_optimizer)."""
+    from megatron.core.optimizer import get_megatron_optimizer
 
     config = optimizer_config_from_args(args)
-    return get_megatron_optimizer(config, model,
-                                  config_overrides=get_standard_config_overrides(config))
+    return get_megatron_optimizer(config, model, **_standard_overrides(config), **kwargs)
+
+
+def _standard_overrides(config) -> dict:
+    """No weight decay on biases and norms: megatron-core 0.16+ takes these param-group overrides
+    explicitly, 0.15 applies them by itself."""
+    try:
+        from megatron.core.optimizer import get_standard_config_overrides
+    except ImportError:
+        return {}
+    return {"config_overrides": get_standard_config_overrides(config)}
 
 
 def build_scheduler(args, optimizer):
