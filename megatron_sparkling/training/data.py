@@ -10,6 +10,7 @@ validation losses at different iterations (and of different runs) are on the sam
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Iterator
 
@@ -53,7 +54,9 @@ def dataset_config(args, tokenizer):
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=args.create_attention_mask_in_dataloader,
-        allow_ambiguous_pad_tokens=True,
+        # byte tokenizers have no pad token of their own (megatron-core 0.16+ asks; 0.15 did not)
+        **({"allow_ambiguous_pad_tokens": True} if "allow_ambiguous_pad_tokens" in {
+            f.name for f in dataclasses.fields(GPTDatasetConfig)} else {}),
     )
 
 

@@ -233,8 +233,9 @@ class Pretrainer:
             names.append("z_loss")
         totals = {}
         track_moe_metrics(loss_scale=1.0 / self.num_microbatches, iteration=self.iteration,
-                          total_loss_dict=totals, force_initialize=True, track_names=names,
-                          num_layers=args.num_layers, moe_layer_freq=args.moe_layer_freq)
+                          writer=None, total_loss_dict=totals, force_initialize=True,
+                          track_names=names, num_layers=args.num_layers,
+                          moe_layer_freq=args.moe_layer_freq)
         return {k: float(v) for k, v in totals.items()}
 
     @torch.no_grad()
