@@ -153,3 +153,15 @@ def edit_common_state(checkpoint_dir, edit) -> None:
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
     edit(common)
     torch.save(common, os.path.join(str(checkpoint_dir), "common.pt"))
+
+
+def tree_hashes(root) -> dict:
+    """{relative path: sha256} of every file under `root` (a source must stay byte-identical)."""
+    import hashlib
+
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out

@@ -1,7 +1,6 @@
 """`megatron-sparkling expand` on real checkpoints of the pre-training script: plain format
 conversion, growth with the registered `sparkling` method (width, depth, experts), safety,
 atomicity and memory."""
-import hashlib
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from conftest import (REPO, edit_common_state, megatron_run, saved_and_continued,
-                      tiny_moe_flags)
+                      tiny_moe_flags, tree_hashes)
 from megatron_sparkling.cli import main
 
 SAVE_AT, TOTAL = 4, 8
@@ -21,15 +20,6 @@ NARROW = dict(train_iters=TOTAL, lr_warmup_iters=2, hidden_dropout=0, attention_
               use_distributed_optimizer=True)
 WIDE = dict(NARROW, hidden_size=128, kv_channels=16, moe_ffn_hidden_size=256,
             ffn_hidden_size=128)
-
-
-def tree_hashes(root) -> dict:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            path = os.path.join(dirpath, n)
-            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")

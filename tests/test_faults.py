@@ -14,7 +14,6 @@ How faults are made, as root (tests run as root here, so permission bits stop no
 """
 import contextlib
 import errno
-import hashlib
 import io
 import os
 import shutil
@@ -24,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, megatron_run, tiny_moe_flags
+from conftest import REPO, megatron_run, tiny_moe_flags, tree_hashes
 from megatron_sparkling.cli import main
 
 SAVE_AT = 3
@@ -54,15 +53,6 @@ def grown(source, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- helpers
-def tree_hashes(root) -> dict:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
-
-
 def data_location(root, key_end: str):
     """(file, offset of the raw tensor data, the tensor) of the largest chunk of the first key
     ending with `key_end`, found through the checkpoint's own DCP index."""
