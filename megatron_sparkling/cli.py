@@ -171,7 +171,8 @@ def expand_parser() -> argparse.ArgumentParser:
         prog="megatron-sparkling expand",
         description="Grow a Megatron checkpoint (or, with no size changed, convert its format) "
                     "into a torch_dist checkpoint that Megatron loads at the new sizes and any "
-                    "TP/EP/PP/DP layout. Run it plain or under torchrun --nproc_per_node N.")
+                    "TP/EP/PP/DP layout. Run it plain, with --nproc-per-node N, or under "
+                    "torchrun --nproc_per_node N.")
     p.add_argument("--load", required=True, help="source checkpoint root (never written)")
     p.add_argument("--save", required=True, help="target checkpoint root")
     p.add_argument("--iteration", type=int, default=None,
@@ -220,6 +221,10 @@ def expand_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-optimizer", action="store_true",
                    help="drop the optimizer state (relaunch with --no-load-optim)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, metavar="N",
+                   help="split the tensors over N local processes, as torchrun --nproc_per_node "
+                        "N would (a failure is then the ranks' one line, without torchrun's "
+                        "launcher traceback)")
     w = p.add_argument_group("wandb (Megatron-LM's flag names; pip install "
                              "'megatron-sparkling[wandb]'; WANDB_MODE=offline works offline)")
     w.add_argument("--wandb-project", default="",
@@ -279,6 +284,8 @@ def _expand(argv, request_hook=None):
     except wandb_log.WandbError as e:
         print(f"megatron-sparkling expand: error: {e}", file=sys.stderr, flush=True)
         return 1
+    if ns.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_local_ranks(argv, ns.nproc_per_node)
     req = expand_request(ns)
     if request_hook is not None:
         request_hook(req)
@@ -306,6 +313,28 @@ def _expand(argv, request_hook=None):
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _launch_local_ranks(argv, nproc: int) -> int:
+    """`expand --nproc-per-node N`: start N local ranks through torch's elastic launcher (what
+    torchrun --standalone does). A refusal is printed once by rank 0; torchrun would add its own
+    ChildFailedError traceback, which this keeps out."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # torchrun's default for several ranks
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                          run_id=f"sparkling-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, sys.executable)("-m", "megatron_sparkling.cli", "expand", *argv)
+    except ChildFailedError:
+        return 1
+    return 0
 
 
 def _report_to_torchrun(line: str) -> None:

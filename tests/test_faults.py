@@ -401,3 +401,23 @@ def test_under_torchrun_a_refusal_is_one_line_from_the_children(source, tmp_path
     assert "traceback : exp_avg_sq of" in text, text[-4000:]
     assert tree_hashes(bad) == before
     nothing_loadable(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_nproc_per_node_refusal_is_one_line_and_no_traceback(source, tmp_path):
+    """`expand --nproc-per-node 2` (the same ranks without torchrun's launcher): the corrupted
+    source is refused in exactly one line, with no traceback at all, and a non-zero exit."""
+    bad = corrupted(source, tmp_path, ".exp_avg_sq", "sign")
+    before = tree_hashes(bad)
+    env = dict(os.environ, PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-m", "megatron_sparkling.cli", "expand",
+                          "--nproc-per-node", "2", "--no-progress", "--load", bad, "--save",
+                          str(tmp_path / "out"), "--moe-ffn-hidden-size", "256"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith(ERROR)]
+    assert len(errors) == 1 and "negative values" in errors[0], text[-4000:]
+    assert tree_hashes(bad) == before
+    nothing_loadable(tmp_path / "out")
