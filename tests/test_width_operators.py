@@ -18,8 +18,8 @@ def twins(old, new, sources):
 @pytest.mark.parametrize("old,new,copy_copy,alpha", [
     (4, 8, True, 0.5),                      # 2x: Net2Net's split
     (4, 6, True, 1 / math.sqrt(2.5)),       # c = 0.5: 1/sqrt(1 + 3c)
-    (4, 12, True, 1 / 3),                   # c = 2: 1/(1 + c)
-    (4, 10, True, 1 / 2.5),
+    (4, 12, True, 1 / 3),                   # 3x: every unit 3 times
+    (4, 10, True, math.sqrt(4 / 26)),       # 2.5x: copies [3, 3, 2, 2], sum k^2 = 26
     (4, 8, False, 1 / math.sqrt(2)),        # random new columns: sqrt(n/n')
     (4, 6, False, math.sqrt(4 / 6)),
     (4, 4, True, 1.0),
@@ -148,6 +148,71 @@ def test_optimizer_rules():
     assert torch.equal(m, copied / 2) and torch.equal(v, copied / 4)
     with pytest.raises(ValueError, match="fp32 main params follow the weight rule"):
         optimizer.grow_state(s, maps, "param", "copy")
+
+
+RMS_SHAPE = ModelShape(num_layers=2, hidden_size=16, num_attention_heads=4, num_query_groups=4,
+                       kv_channels=4, ffn_hidden_size=16, padded_vocab_size=24, num_experts=2,
+                       moe_ffn_hidden_size=8, moe_shared_expert_intermediate_size=8,
+                       tied_embeddings=False)
+RMS_LINEARS = [f"decoder.layers.{k}.weight" for k in (
+    "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
+    "mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2", "mlp.router",
+    "mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")] + [
+    "decoder.layers.mlp.shared_experts.gate_weight", "output_layer.weight"]
+
+
+def _balanced_signs(shape, generator) -> torch.Tensor:
+    """+-1 with every column (dim -2) half + and half -: every W_ri^2 equals its iid expectation
+    (so a function of the squares IS its expectation over iid weights) and each slice has mean 0
+    and std 1 exactly."""
+    rows = shape[-2]
+    signs = torch.ones(rows)
+    signs[rows // 2:] = -1
+    flat = torch.stack([signs[torch.randperm(rows, generator=generator)]
+                        for _ in range(math.prod(shape) // rows)])
+    return flat.view(*shape[:-2], shape[-1], rows).transpose(-1, -2).contiguous()
+
+
+def expected_rms_ratio(w, grown, in_dim, in_map, fresh_mask):
+    """E[RMS(y')/RMS(x')] / E[RMS(y)/RMS(x)] over iid unit inputs (fresh inputs independent,
+    same RMS) and iid weights, computed exactly: E|W'x'|^2 = |W'C|_F^2 with C the input copy
+    matrix (copies of one old input add up), fresh elements by their expectation
+    alpha^2 std(W)^2 (the random fill's N(0, std^2), std 1 here); W is +-1 (`_balanced_signs`)."""
+    old_cols = in_map.source >= 0
+    alpha = float(grown.movedim(in_dim, -1)[..., : in_map.old].reshape(-1)[0]
+                  / w.movedim(in_dim, -1).reshape(-1)[0])
+    g = grown.masked_fill(fresh_mask, 0.0).movedim(in_dim, -1)
+    copy = torch.zeros(in_map.new, in_map.old)
+    copy[old_cols.nonzero().flatten(), in_map.source[old_cols]] = 1.0
+    collapsed = (g @ copy).pow(2).sum() + alpha ** 2 * fresh_mask.sum()
+    rows_new, rows_old = grown.numel() // in_map.new, w.numel() // in_map.old
+    return math.sqrt((collapsed / rows_new) / (w.pow(2).sum() / rows_old))
+
+
+@pytest.mark.parametrize("new_units", ["copy", "random"])
+@pytest.mark.parametrize("factor", [1.25, 1.5, 2, 2.5, 3])
+def test_sparkling_keeps_every_linear_rms_ratio_exactly_at_any_factor(factor, new_units):
+    """Every width axis grown by `factor` at once: the expected RMS(y)/RMS(x) of every linear
+    over iid weights and inputs, computed exactly (`expected_rms_ratio`), is kept to 1e-6."""
+    s = RMS_SHAPE
+    heads = int(s.num_attention_heads * factor)
+    target = s.replace(hidden_size=int(s.hidden_size * factor), num_attention_heads=heads,
+                       num_query_groups=heads, ffn_hidden_size=int(s.ffn_hidden_size * factor),
+                       moe_ffn_hidden_size=int(s.moe_ffn_hidden_size * factor),
+                       moe_shared_expert_intermediate_size=int(
+                           s.moe_shared_expert_intermediate_size * factor))
+    grower = Grower(GrowthSpec(s, target, "sparkling", 3, {"new_units": new_units}))
+    gen = torch.Generator().manual_seed(0)
+    for key in RMS_LINEARS:
+        lay = grower.layout(key)
+        maps = grower.plan.tensor_maps(lay)
+        in_dim = next(d for d, dim in enumerate(lay.dims) if dim.role is layout.Role.IN)
+        w = _balanced_signs([m.old for m in maps], gen)
+        grown = grower.grow(key, w)
+        fresh = width.axis_mask(maps, fresh=True)
+        fresh = torch.zeros_like(grown, dtype=torch.bool) if fresh is None else fresh
+        ratio = expected_rms_ratio(w, grown, in_dim, maps[in_dim], fresh)
+        assert ratio == pytest.approx(1.0, abs=1e-6), (key, factor, new_units, ratio)
 
 
 SHAPE = ModelShape(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=2,
