@@ -143,8 +143,8 @@ def test_optimizer_rules():
     copied = optimizer.grow_state(s, maps, "exp_avg_sq", "copy")
     assert torch.equal(copied[2], s[1]) and torch.equal(copied[3], s[0])
     assert not optimizer.grow_state(s, maps, "momentum", "zero_all").any()
-    m = optimizer.grow_state(s, maps, "exp_avg", "staged", factor=2)
-    v = optimizer.grow_state(s, maps, "exp_avg_sq", "staged", factor=2)
+    m = optimizer.grow_state(s, maps, "exp_avg", "staged", scale=0.5)
+    v = optimizer.grow_state(s, maps, "exp_avg_sq", "staged", scale=0.5)
     assert torch.equal(m, copied / 2) and torch.equal(v, copied / 4)
     with pytest.raises(ValueError, match="fp32 main params follow the weight rule"):
         optimizer.grow_state(s, maps, "param", "copy")

@@ -13,7 +13,7 @@ from megatron_sparkling.core.layout import Role
 from megatron_sparkling.methods.base import register
 from megatron_sparkling.methods.elementwise import ElementwiseGrowth, integer_factor_or_refuse
 from megatron_sparkling.methods.hypercloning import tiled_plan
-from megatron_sparkling.operators import width
+from megatron_sparkling.operators import optimizer, width
 from megatron_sparkling.core.sizes import WIDTH_FIELDS
 from megatron_sparkling.core.spec import GrowthSpecError
 
@@ -38,9 +38,13 @@ class Staged(ElementwiseGrowth):
     - tied embeddings: the output's 1/k is folded into the final norm (the paper's "final norm
       halved" at k = 2).
     Experts (any integer multiple): copies, as for every copying method.
-    Optimizer: moments laid out like the weights (off-diagonal blocks zero), then m / k and
-    v / k^2 (momentum / k) for tensors that grew, so Adam's update m/sqrt(v) equals the small
-    model's.
+    Optimizer: moments laid out like the weights (off-diagonal blocks zero), then m * s and
+    v * s^2 (momentum * s) with s each element's gradient scale, derived from the layout
+    (operators.optimizer.copy_gradient_scale: 1/k on tensors whose output rows, gains or experts
+    were copied, 1 on the output layer and on QKV/fc1/router when only their input grew), so
+    that the first Adam update after growth equals the small model's, element for element
+    (the paper's uniform m/2, v/4 is right only for the former). Off-diagonal blocks get a
+    gradient (1/k of the diagonal's) but start from zero moments, as in the paper.
     """
     name = "staged"
     preserves_function = True
@@ -56,11 +60,6 @@ class Staged(ElementwiseGrowth):
 
     def make_plan(self, spec):
         return self.check_layers(tiled_plan(spec))
-
-    def _factor(self, maps) -> int:
-        ks = [width.integer_factor(m) for m in maps if m.grown]
-        ks = [k for k in ks if k]
-        return max(ks) if ks else 1
 
     def fan_in_factor(self, umap, out_grown):
         # Block-diagonal tensors read one copy of each input: no division.
@@ -82,5 +81,5 @@ class Staged(ElementwiseGrowth):
     def state_structure(self, lay, maps):
         return self._structure(lay, maps)
 
-    def state_factor(self, maps):
-        return self._factor(maps)
+    def state_scale(self, lay, maps):
+        return optimizer.copy_gradient_scale(lay.dims, maps)
