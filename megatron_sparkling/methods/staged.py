@@ -2,7 +2,9 @@
 side by side, W -> [[W, 0], [0, W]].
 
 Every grown width axis grows by the same integer factor k (experts: any integer multiple,
-copied); the per-tensor rules are listed on `Staged`. Off-diagonal blocks receive gradient once
+copied); the per-tensor rules are listed on `Staged`. The paper's learning-rate transform (restart
+of the schedule with a short re-warmup) is an option (`restart_warmup_iters`,
+`restart_iteration`), applied at run time by live/lr_restart.py. Off-diagonal blocks receive gradient once
 training resumes (each copy's input is the sum of both copies' outputs through the shared
 router and the residual), so the copies do not stay independent: tests/test_width.py measures
 how fast the off-diagonal blocks fill in.
@@ -49,6 +51,18 @@ class Staged(ElementwiseGrowth):
     name = "staged"
     preserves_function = True
     state_rule = "staged"
+
+    def __init__(self, restart_warmup_iters: int = 0, restart_iteration: int = -1):
+        """The paper's LR schedule transform (live/lr_restart.py), applied by the relaunch:
+        `restart_warmup_iters` W > 0 re-warms the LR from 0 over W iterations; the base
+        schedule continues from `restart_iteration` (-1: the growth iteration). Both default
+        off: the base schedule continues unchanged."""
+        super().__init__()
+        if int(restart_warmup_iters) < 0 or int(restart_iteration) < -1:
+            raise ValueError(f"staged: restart_warmup_iters must be >= 0 and restart_iteration "
+                             f">= 0 or -1 (got {restart_warmup_iters}, {restart_iteration})")
+        self.restart_warmup_iters = int(restart_warmup_iters)
+        self.restart_iteration = int(restart_iteration)
 
     def validate(self, spec):
         factors = integer_factor_or_refuse(spec, self.name)

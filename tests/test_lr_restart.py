@@ -1,0 +1,78 @@
+"""Staged training's LR restart (live/lr_restart.py) on megatron-core's real scheduler: the
+paper's formula (allenai/staged-training, get_restart_linear_schedule_with_warmup), carried in
+the scheduler's state dict and continued after a load."""
+import pytest
+import torch
+
+from conftest import single_rank
+from megatron_sparkling.core.spec import GrowthSpec, ModelShape
+from megatron_sparkling.live import lr_restart
+from megatron_sparkling.methods import Grower
+
+SHAPE = ModelShape(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=2,
+                   kv_channels=4, ffn_hidden_size=16, padded_vocab_size=32, num_experts=2,
+                   moe_ffn_hidden_size=8, tied_embeddings=False)
+MAX_LR, WARMUP, TOTAL, BATCH = 1e-3, 10, 100, 4   # iterations; the scheduler counts samples
+
+
+def _scheduler():
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=MAX_LR)
+    return OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=MAX_LR, min_lr=0.0, lr_warmup_steps=WARMUP * BATCH,
+        lr_decay_steps=TOTAL * BATCH, lr_decay_style="linear", start_wd=0.0, end_wd=0.0,
+        wd_incr_steps=1, wd_incr_style="constant")
+
+
+def paper_lr(step, restart, rewarm):
+    """allenai/staged-training's lr_lambda(current_step) * max_lr, in iterations."""
+    if restart and rewarm and restart <= step < restart + rewarm:
+        if step < WARMUP:
+            return (step - restart) / rewarm * (restart + rewarm) / WARMUP * MAX_LR
+        return (step - restart) / rewarm * (TOTAL - restart - rewarm) / (TOTAL - WARMUP) * MAX_LR
+    if step < WARMUP:
+        return step / WARMUP * MAX_LR
+    return max(0.0, (TOTAL - step) / (TOTAL - WARMUP)) * MAX_LR
+
+
+@pytest.mark.parametrize("restart_iteration", [-1, 25])
+def test_lr_restart_follows_the_papers_schedule_and_survives_a_reload(restart_iteration):
+    growth_iteration, rewarm = 40, 8
+    record = Grower(GrowthSpec(SHAPE, SHAPE.replace(hidden_size=16), "staged", 1,
+                               {"restart_warmup_iters": rewarm,
+                                "restart_iteration": restart_iteration})).record()
+    restart = growth_iteration if restart_iteration < 0 else restart_iteration
+    with single_rank():
+        sched = _scheduler()
+        sched.step(growth_iteration * BATCH)
+        assert lr_restart.install_lr_restart(sched, record, BATCH) is not None
+        lrs = [sched.optimizer.param_groups[0]["lr"]]
+        for _ in range(30):
+            sched.step(BATCH)
+            lrs.append(sched.optimizer.param_groups[0]["lr"])
+        expected = [paper_lr(restart + t, restart, rewarm) for t in range(31)]
+        assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+        assert lrs[0] == 0.0 and lrs[rewarm] == pytest.approx(paper_lr(restart + rewarm, 0, 0))
+        # resumed inside the re-warmup: the scheduler's state carries it
+        sched = _scheduler()
+        sched.step((growth_iteration + 3) * BATCH)
+        saved = _scheduler()
+        saved.step(growth_iteration * BATCH)
+        lr_restart.install_lr_restart(saved, record, BATCH)
+        saved.step(3 * BATCH)
+        common = {"opt_param_scheduler": saved.state_dict(), "sparkling": record}
+        assert lr_restart.STATE_KEY in common["opt_param_scheduler"]
+        restored = lr_restart.lr_restart_after_load(sched, common, type("A", (), {
+            "global_batch_size": BATCH})())
+        assert restored.growth_step == growth_iteration * BATCH
+        assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(
+            paper_lr(restart + 3, restart, rewarm), rel=1e-9)
+
+
+def test_staged_without_restart_options_keeps_the_base_schedule():
+    record = Grower(GrowthSpec(SHAPE, SHAPE.replace(hidden_size=16), "staged", 1)).record()
+    assert lr_restart.restart_options(record) is None
+    with pytest.raises(ValueError, match="restart_warmup_iters must be >= 0"):
+        Grower(GrowthSpec(SHAPE, SHAPE.replace(hidden_size=16), "staged", 1,
+                          {"restart_warmup_iters": -2}))
