@@ -76,3 +76,44 @@ def test_staged_without_restart_options_keeps_the_base_schedule():
     with pytest.raises(ValueError, match="restart_warmup_iters must be >= 0"):
         Grower(GrowthSpec(SHAPE, SHAPE.replace(hidden_size=16), "staged", 1,
                           {"restart_warmup_iters": -2}))
+
+
+@pytest.mark.slow
+def test_relaunch_from_an_expanded_staged_checkpoint_restarts_the_schedule(tmp_path,
+                                                                          corpus_prefix):
+    """`expand --method staged` with restart_warmup_iters=2, relaunched with the printed flags:
+    the LR re-warms from 0 (first step after growth at LR 0, then half of the base LR two
+    iterations on, then the base schedule, which continues from the growth iteration), and the
+    first loss is the small model's (staged keeps the function)."""
+    from conftest import megatron_run, saved_and_continued, tiny_moe_flags
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron_sparkling.checkpoint.expand import ExpandRequest, expand
+
+    base = dict(train_iters=8, lr_warmup_iters=1, hidden_dropout=0, attention_dropout=0,
+                use_distributed_optimizer=True)
+    narrow, dst = str(tmp_path / "narrow"), str(tmp_path / "grown")
+    continued = saved_and_continued(tiny_moe_flags(corpus_prefix, **base), narrow, 3, 4)
+    result = expand(ExpandRequest(load=narrow, save=dst, sizes=dict(hidden_size=128),
+                                  method="staged", seed=1,
+                                  options={"restart_warmup_iters": 2}, progress=False))
+    argv = tiny_moe_flags(corpus_prefix, **base) + result.relaunch_flags + [
+        "--sparkling-rewarmup-scope", "none"]
+    with megatron_run(argv) as trainer:
+        args, gbs = trainer.args, trainer.args.global_batch_size
+        formula = OptimizerParamScheduler(
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0), init_lr=0.0,
+            max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * gbs,
+            lr_decay_steps=args.train_iters * gbs, lr_decay_style=args.lr_decay_style,
+            start_wd=0.0, end_wd=0.0, wd_incr_steps=1, wd_incr_style="constant")
+
+        def base_lr(iteration):
+            formula.num_steps = iteration * gbs
+            return formula.get_lr({})
+        assert trainer.scheduler.lr_restart is not None
+        lrs = [trainer.optimizer.param_groups[0]["lr"]]
+        first = trainer.train_step()["lm loss"]
+        for _ in range(3):
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            trainer.train_step()
+    assert first == pytest.approx(continued[0], rel=1e-5)
+    assert lrs == pytest.approx([0.0, 0.5 * base_lr(5), base_lr(5), base_lr(6)], rel=1e-9)

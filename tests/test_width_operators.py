@@ -307,3 +307,25 @@ def test_fresh_layers_need_a_depth_rule_and_get_it():
     assert torch.equal(grown[:2], w) and not grown[2].any()
     assert calls == [(key, "param", [2])]
     assert grower.plan.new_mask(grower.layout(key))[2].all() and not grower.plan.new_mask(grower.layout(key))[:2].any()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_zero_draws_incoming_weights_as_megatron_inits_and_zeroes_outgoing(tied):
+    """zero, hidden and FFN grown: a new unit's incoming rows are N(0, sigma^2) (sigma 0.02;
+    sigma / sqrt(2 L) for fc2, as megatron-core's output_layer_init_method), its outgoing
+    columns zero; tied embeddings: the final norm's new gains are the outgoing side (zero)."""
+    shape = RMS_SHAPE.replace(num_layers=4, hidden_size=64, moe_ffn_hidden_size=64,
+                              tied_embeddings=tied)
+    target = shape.replace(hidden_size=128, moe_ffn_hidden_size=128)
+    grower = Grower(GrowthSpec(shape, target, "zero", 2))
+    fc1, fc2 = ("decoder.layers.mlp.experts.experts.linear_fc1.weight",
+                "decoder.layers.mlp.experts.experts.linear_fc2.weight")
+    w1 = grower.grow(fc1, torch.ones(4, 2, 128, 64))       # (L, E, 2f, h)
+    w2 = grower.grow(fc2, torch.ones(4, 2, 64, 64))        # (L, E, h, f)
+    assert not w1[..., 64:].any() and not w2[..., 64:].any()   # outgoing: zero
+    assert torch.equal(w1[:, :, :64, :64], torch.ones(4, 2, 64, 64))   # old kept
+    for drawn, std in ((w1[:, :, 64:128, :64], 0.02), (w2[:, :, 64:, :64], 0.02 / math.sqrt(8))):
+        # sampling error of a std over n draws: about std / sqrt(2n) (n = 16384 here: 0.6%)
+        assert float(drawn.std()) == pytest.approx(std, rel=0.03)
+    gains = grower.grow("decoder.final_layernorm.weight", torch.ones(64))
+    assert torch.equal(gains[64:], torch.zeros(64) if tied else torch.ones(64))
