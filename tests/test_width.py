@@ -322,41 +322,93 @@ def test_expert_growth_routing(narrow, variant):
 
 
 # ------------------------------------------------------------------ SPARKLING on a trained model
+# The first grown fan-in linear of each non-hidden axis: its input in the grown model is an exact
+# copy of the small model's (nothing upstream changed), so its r can be predicted from the small
+# model's own activations.
+FIRST_FAN_IN = {
+    "expert_ffn": (r"decoder\.layers\.0\.mlp\.experts\..*linear_fc2$",
+                   layout.Dim(layout.Axis.EXPERT_FFN, layout.Role.IN)),
+    "shared_ffn": (r"decoder\.layers\.0\.mlp\.shared_experts\.linear_fc2$",
+                   layout.Dim(layout.Axis.SHARED_FFN, layout.Role.IN)),
+    "dense_ffn": (r"decoder\.layers\.1\.mlp\.linear_fc2$",
+                  layout.Dim(layout.Axis.DENSE_FFN, layout.Role.IN)),
+    "heads_and_groups": (r"decoder\.layers\.0\.self_attention\.linear_proj$",
+                         layout.Dim(layout.Axis.HEADS, layout.Role.IN)),
+}
+
+
+def _inputs_of(model, batches, pattern) -> dict:
+    """{module name: (its weight, its inputs over the batches as (tokens, n))}."""
+    import re
+
+    m = model_lib.unwrap(model)[0]
+    captured, handles = {}, []
+    for name, module in m.named_modules():
+        if re.search(pattern, name):
+            def hook(mod, args, out, name=name):
+                x = args[0].detach().float()
+                captured.setdefault(name, [mod.weight.detach().float(), []])[1].append(
+                    x.reshape(-1, x.shape[-1]))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        logits_of(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (w, torch.cat(xs)) for k, (w, xs) in captured.items()}
+
+
+def predicted_copy_ratio(weight, x, umap) -> float:
+    """r'/r of y = W x when its input's units are copied (unit i k_i times, umap.copies()) and
+    every column multiplied by alpha = sqrt(n / sum k_i^2) (the iid RMS-consistent factor,
+    derived in operators.width.sparkling_alpha): y' = alpha W diag(k) x, x' = the copied x."""
+    k = umap.copies().to(x.dtype)
+    alpha = math.sqrt(umap.old / float(k.pow(2).sum()))
+    r = (x @ weight.T).pow(2).mean().sqrt() / x.pow(2).mean().sqrt()
+    y2 = alpha * (x * k) @ weight.T
+    x2_rms = ((x.pow(2) * k).sum() / (x.shape[0] * umap.new)).sqrt()
+    return float(y2.pow(2).mean().sqrt() / x2_rms / r)
+
+
 @pytest.mark.parametrize("axis", sorted(AXES_1_5X))
 @pytest.mark.parametrize("new_units", ["copy", "random"])
-def test_sparkling_1_5x_keeps_loss_and_rms_ratios(narrow, axis, new_units):
+def test_sparkling_1_5x_on_a_trained_model(narrow, axis, new_units):
     """1.5x on the model trained 50 steps, 4 twin draws: held-out loss change and every linear's
-    r = RMS(y)/RMS(x) (mean deviation over the draws).
-
-    Measured on this tiny model (FIGURES): the loss moves < 0.05% on the FFN and head axes
-    (copy and random); on the hidden axis copy-copy moves it +1.6..2.0% (alpha = 1/sqrt(2.5)
-    weighs duplicated units 2 alpha = 1.26 and the rest 0.63: RMS-consistent, not
-    function-preserving) and random +0.25..0.56%. r drops systematically: copy-copy 3-10% (the
-    1 + 3c variance count assumes old and duplicated terms uncorrelated; trained ones correlate
-    positively), random 12-20% (trained rows align with their input, random rows do not). The
-    bounds below are those figures with a margin: they catch a wrong alpha (1 gives +58% on a
-    fan-in, sqrt(2/3) +29%), not the brief's 0.5% / 2%, which do not hold at 1.5x here."""
+    r = RMS(y)/RMS(x) (FIGURES). Measured: r drops 3-10% (copy-copy) and 12-20% (random new
+    units): on trained weights the terms of y are not independent (old and duplicated terms
+    correlate; trained rows align with their inputs, random rows do not), so r is kept only in
+    expectation over iid weights (exact: test_width_operators.py's expected-RMS test).
+    Asserted tightly: copy-copy, the first grown fan-in linear of each non-hidden axis, whose
+    input is an exact copy of the small model's, has the r predicted from the small model's own
+    activations (`predicted_copy_ratio`), to 1e-4 (float32 sums)."""
     before = rms_ratios(narrow.trainer.model, narrow.batches)
     change = AXES_1_5X[axis]
-    losses, devs = [], {k: [] for k in before}
+    first = FIRST_FAN_IN.get(axis) if new_units == "copy" else None
+    inputs = _inputs_of(narrow.trainer.model, narrow.batches, first[0]) if first else {}
+    losses, devs, gaps = [], {k: [] for k in before}, []
     for seed in range(4):
-        out, _, wide = grown_logits(narrow, change, "sparkling", seed, new_units=new_units)
+        out, grower, wide = grown_logits(narrow, change, "sparkling", seed, new_units=new_units)
         losses.append(heldout_loss(out, narrow.batches) / narrow.loss - 1)
         after = rms_ratios(wide, narrow.batches)
         for k in before:
             devs[k].append(after[k] / before[k] - 1)
+        if first:
+            umap = grower.plan.element_map(first[1])
+            for name, (weight, x) in inputs.items():
+                predicted = predicted_copy_ratio(weight, x, umap)
+                gaps.append(abs(after[name] / before[name] - predicted))
     mean_dev = {k: statistics.mean(v) for k, v in devs.items()}
     worst = max(mean_dev, key=lambda k: abs(mean_dev[k]))
-    worst_single = max(abs(x) for v in devs.values() for x in v)
     FIGURES[f"sparkling 1.5x {axis} new_units={new_units}"] = (
         f"loss {', '.join(f'{100 * x:+.3f}%' for x in losses)}; r mean dev worst "
-        f"{100 * mean_dev[worst]:+.1f}% ({worst.replace('decoder.layers.', '')}), "
-        f"single draw worst {100 * worst_single:.1f}%")
-    if "hidden_size" in change:
-        assert max(abs(x) for x in losses) < (0.025 if new_units == "copy" else 0.01)
-    else:
-        assert max(abs(x) for x in losses) < 0.001
-    assert abs(mean_dev[worst]) < (0.15 if new_units == "copy" else 0.25)
+        f"{100 * mean_dev[worst]:+.1f}% ({worst.replace('decoder.layers.', '')})"
+        + (f"; first fan-in r vs prediction: worst gap {max(gaps):.1e}" if gaps else ""))
+    if first:
+        assert len(gaps) >= 4 and max(gaps) < 1e-4, gaps
+    # No bound on the loss or on the other linears' r: 1.5x keeps neither on trained weights
+    # (not function-preserving; inputs downstream are no longer copies; on the hidden axis every
+    # RMSNorm rescales each token by rms(h)/rms(copied h), so no input is a plain copy).
+    assert all(math.isfinite(x) for x in losses)
 
 
 def test_sparkling_2x_keeps_every_rms_ratio(narrow):
@@ -390,8 +442,14 @@ def test_zero_and_random_disrupt_hidden_growth(narrow):
     spark = report["sparkling"]
     assert spark["kl"] < 1e-8 and spark["r_dev"] < 1e-4
     assert all(abs(x - 1) < 1e-4 for x in spark["rms"])
-    # zero: the residual stream's new half is zero, so its RMS drops by sqrt(2) at the first norm
-    assert report["zero"]["rms"][0] == pytest.approx(1 / math.sqrt(2), rel=1e-4)
+    # zero: the first norm's input is the embedding, whose new columns are drawn at init scale:
+    # its RMS factor is computed from the grown table and the tokens
+    key = "embedding.word_embeddings.weight"
+    tokens = torch.cat([b["tokens"].reshape(-1) for b in narrow.batches])
+    grown_emb = narrow.grower(change, "zero").grow(key, narrow.tensors[key])
+    expected = float(grown_emb[tokens].pow(2).mean().sqrt()
+                     / narrow.tensors[key][tokens].pow(2).mean().sqrt())
+    assert report["zero"]["rms"][0] == pytest.approx(expected, rel=1e-4)
     for method in ("zero", "random"):
         assert report[method]["kl"] > 1e-3
         assert abs(report[method]["dloss"]) > 0.01
@@ -424,6 +482,19 @@ STATE_CHANGE = dict(hidden_size=128, moe_ffn_hidden_size=256, num_experts=8, moe
                     num_attention_heads=8, num_query_groups=4)
 
 
+def _STAGED_GRADIENT_SCALE(key: str) -> float:
+    """STATE_CHANGE grows hidden, expert FFN, heads and groups 2x and experts 2x; the dense and
+    shared FFN sizes stay."""
+    if key.startswith("output_layer") or "shared_experts.gate_weight" in key:
+        return 1.0                      # output not copied (vocabulary, one gate)
+    if "experts.experts" in key:
+        return 0.25                     # the expert copied, and its rows (FFN or hidden)
+    if "router" in key or key.endswith("shared_experts.linear_fc1.weight") or (
+            key.endswith("mlp.linear_fc1.weight")):
+        return 0.5 if "router" in key else 1.0   # router rows: copied experts; fc1: FFN kept
+    return 0.5                          # rows or gains on the hidden or QKV axis copied
+
+
 @pytest.mark.parametrize("method", ["sparkling", "copy", "staged", "drop-opt", "copy-opt"])
 def test_optimizer_state_rules_on_real_adam_state(narrow, narrow_state, method):
     grower = narrow.grower(STATE_CHANGE, method)
@@ -450,11 +521,13 @@ def test_optimizer_state_rules_on_real_adam_state(narrow, narrow_state, method):
         elif method == "drop-opt":
             assert not grown.any()
         elif method == "staged":
-            k = 2
+            # the gradient's scale per tensor at this growth (all axes and experts 2x), by hand:
+            # 1/2 per copied dimension of the tensor's output (rows, gains, experts)
+            s = _STAGED_GRADIENT_SCALE(model_key)
             structure = grower.method.state_structure(grower.layout(key), maps)
             expected = copied if structure is None else copied * structure
-            expected = expected / (k * k) if kind == "exp_avg_sq" else expected / k
-            assert torch.allclose(grown, expected, rtol=0, atol=0)
+            expected = expected * (s * s) if kind == "exp_avg_sq" else expected * s
+            assert torch.equal(grown, expected), (key, s)
     assert checked == 2 * sum(1 for k in tensors if layout.state_kind(k) == "param")
     # Muon's momentum buffer follows the Adam first-moment rule
     key = "optimizer.state.exp_avg.decoder.layers.1.mlp.linear_fc2.weight"
@@ -522,6 +595,101 @@ def _twin_rows(rows):
     ci = width.copy_index(rows)
     first = {s: i for i, (s, c) in enumerate(zip(rows.source.tolist(), ci.tolist())) if c == 0}
     return torch.tensor([first[s] for s, c in zip(rows.source.tolist(), ci.tolist()) if c == 1])
+
+
+# ------------------------------------------------------------------ the first update after growth
+def _first_step_directions(narrow, narrow_state, grower=None) -> dict:
+    """Adam's m/sqrt(v) after one step from the growth point: the small model continuing
+    (grower None) or the grown one. Gradient clipping off in both: it rescales the new gradient
+    but not the stored moments, which would hide (or fake) a mismatch."""
+    import copy
+
+    from megatron_sparkling.diagnostics.first_update import adam_directions
+    from megatron_sparkling.training.loop import Pretrainer
+
+    tensors, step = narrow_state
+    args = copy.copy(narrow.args if grower is None else grower.spec.target.apply_to_args(
+        narrow.args))
+    args.clip_grad = 0.0
+    trainer = Pretrainer(args)
+    trainer.iteration = narrow.trainer.iteration
+    trainer.scheduler.load_state_dict(narrow.trainer.scheduler.state_dict())
+    weights = narrow.tensors if grower is None else grow_all(grower, narrow.tensors)
+    load_model_global_tensors(trainer.model, weights)
+    load_optimizer_global_tensors(trainer, tensors if grower is None else grow_all(
+        grower, tensors), step)
+    trainer.train_step()
+    return adam_directions(optimizer_global_tensors(trainer)[0])
+
+
+@pytest.fixture(scope="module")
+def small_first_step(narrow, narrow_state):
+    return _first_step_directions(narrow, narrow_state)
+
+
+def _kind_of(key: str) -> str:
+    return key.replace("decoder.layers.", "").replace(".weight", "")
+
+
+@pytest.mark.parametrize("change", ["hidden", "all"])
+def test_staged_first_update_equals_the_small_models(narrow, narrow_state, small_first_step,
+                                                     change):
+    """staged: after one real optimizer step from the growth point, Adam's direction m/sqrt(v)
+    of every element of every grown tensor (each copy; off-diagonal blocks excluded: zero
+    moments by design) equals its source element's in the small model. Bound 1e-4 (relative
+    to the tensor's largest direction): the grown model sums its gradients in another order
+    (float32 rounding); the paper's uniform m/2, v/4 misses by O(1) on the output layer,
+    router, QKV and fc1 at hidden 2x."""
+    grower = narrow.grower(STATE_CHANGE if change == "all" else AXES_2X["hidden"], "staged")
+    grown = _first_step_directions(narrow, narrow_state, grower)
+    from megatron_sparkling.diagnostics.first_update import first_update_gaps
+
+    gaps = first_update_gaps(grower, small_first_step, grown, elements="copies")
+    FIGURES[f"staged first update, {change} 2x: max relative gap per tensor"] = {
+        _kind_of(k): f"{v:.1e}" for k, v in gaps.items() if v is not None}
+    assert sum(v is not None for v in gaps.values()) == len(small_first_step)
+    worst = max(gaps, key=lambda k: gaps[k])
+    assert gaps[worst] < 1e-4, (worst, gaps[worst])
+
+
+# ------------------------------------------------------------------ the zero baseline
+def _new_unit_grads(wide, grower) -> dict:
+    """Max |grad| (the step's main_grad) on the new units' incoming rows and outgoing columns of
+    the dense FFN (layer 1) and of the attention heads (layer 0)."""
+    params = dict(model_lib.unwrap(wide.model)[0].named_parameters())
+    out = {}
+    for name, key in (("fc1 rows", "decoder.layers.1.mlp.linear_fc1.weight"),
+                      ("fc2 cols", "decoder.layers.1.mlp.linear_fc2.weight"),
+                      ("qkv rows", "decoder.layers.0.self_attention.linear_qkv.weight"),
+                      ("proj cols", "decoder.layers.0.self_attention.linear_proj.weight")):
+        maps = grower.plan.tensor_maps(grower.layout(key))
+        dim = 0 if name.endswith("rows") else 1
+        grad = params[key].main_grad.index_select(dim, maps[dim].is_new.nonzero().flatten())
+        out[name] = float(grad.abs().max())
+    return out
+
+
+def test_zero_keeps_the_function_on_ffn_and_heads_and_its_new_units_learn(narrow, narrow_state):
+    """zero: new units' outgoing columns zero, incoming rows drawn as megatron-core initialises
+    them: logits unchanged, and the new units train. Step 1: the outgoing columns get gradient
+    (the new units compute something); the incoming rows get exactly none (their gradient flows
+    back through the zero columns); step 2 (columns now non-zero): both do."""
+    change = dict(ffn_hidden_size=192, moe_ffn_hidden_size=256,
+                  moe_shared_expert_intermediate_size=128, num_attention_heads=8,
+                  num_query_groups=4)
+    out, grower, _ = grown_logits(narrow, change, "zero")
+    assert float((out - narrow.logits).abs().max()) < 1e-5
+    wide = resume_wide(narrow, grower)
+    load_model_global_tensors(wide.model, grow_all(grower, narrow.tensors))
+    load_optimizer_global_tensors(wide, grow_all(grower, narrow_state[0]), narrow_state[1])
+    wide.train_step()
+    first = _new_unit_grads(wide, grower)
+    wide.train_step()
+    second = _new_unit_grads(wide, grower)
+    FIGURES["zero: max |grad| on new units, steps 1 and 2"] = dict(step1=first, step2=second)
+    assert first["fc1 rows"] == 0.0 and first["qkv rows"] == 0.0
+    assert first["fc2 cols"] > 0 and first["proj cols"] > 0
+    assert all(v > 0 for v in second.values()), second
 
 
 # ------------------------------------------------------------------ MSG at run time

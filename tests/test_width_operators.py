@@ -18,8 +18,8 @@ def twins(old, new, sources):
 @pytest.mark.parametrize("old,new,copy_copy,alpha", [
     (4, 8, True, 0.5),                      # 2x: Net2Net's split
     (4, 6, True, 1 / math.sqrt(2.5)),       # c = 0.5: 1/sqrt(1 + 3c)
-    (4, 12, True, 1 / 3),                   # c = 2: 1/(1 + c)
-    (4, 10, True, 1 / 2.5),
+    (4, 12, True, 1 / 3),                   # 3x: every unit 3 times
+    (4, 10, True, math.sqrt(4 / 26)),       # 2.5x: copies [3, 3, 2, 2], sum k^2 = 26
     (4, 8, False, 1 / math.sqrt(2)),        # random new columns: sqrt(n/n')
     (4, 6, False, math.sqrt(4 / 6)),
     (4, 4, True, 1.0),
@@ -143,11 +143,76 @@ def test_optimizer_rules():
     copied = optimizer.grow_state(s, maps, "exp_avg_sq", "copy")
     assert torch.equal(copied[2], s[1]) and torch.equal(copied[3], s[0])
     assert not optimizer.grow_state(s, maps, "momentum", "zero_all").any()
-    m = optimizer.grow_state(s, maps, "exp_avg", "staged", factor=2)
-    v = optimizer.grow_state(s, maps, "exp_avg_sq", "staged", factor=2)
+    m = optimizer.grow_state(s, maps, "exp_avg", "staged", scale=0.5)
+    v = optimizer.grow_state(s, maps, "exp_avg_sq", "staged", scale=0.5)
     assert torch.equal(m, copied / 2) and torch.equal(v, copied / 4)
     with pytest.raises(ValueError, match="fp32 main params follow the weight rule"):
         optimizer.grow_state(s, maps, "param", "copy")
+
+
+RMS_SHAPE = ModelShape(num_layers=2, hidden_size=16, num_attention_heads=4, num_query_groups=4,
+                       kv_channels=4, ffn_hidden_size=16, padded_vocab_size=24, num_experts=2,
+                       moe_ffn_hidden_size=8, moe_shared_expert_intermediate_size=8,
+                       tied_embeddings=False)
+RMS_LINEARS = [f"decoder.layers.{k}.weight" for k in (
+    "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
+    "mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2", "mlp.router",
+    "mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")] + [
+    "decoder.layers.mlp.shared_experts.gate_weight", "output_layer.weight"]
+
+
+def _balanced_signs(shape, generator) -> torch.Tensor:
+    """+-1 with every column (dim -2) half + and half -: every W_ri^2 equals its iid expectation
+    (so a function of the squares IS its expectation over iid weights) and each slice has mean 0
+    and std 1 exactly."""
+    rows = shape[-2]
+    signs = torch.ones(rows)
+    signs[rows // 2:] = -1
+    flat = torch.stack([signs[torch.randperm(rows, generator=generator)]
+                        for _ in range(math.prod(shape) // rows)])
+    return flat.view(*shape[:-2], shape[-1], rows).transpose(-1, -2).contiguous()
+
+
+def expected_rms_ratio(w, grown, in_dim, in_map, fresh_mask):
+    """E[RMS(y')/RMS(x')] / E[RMS(y)/RMS(x)] over iid unit inputs (fresh inputs independent,
+    same RMS) and iid weights, computed exactly: E|W'x'|^2 = |W'C|_F^2 with C the input copy
+    matrix (copies of one old input add up), fresh elements by their expectation
+    alpha^2 std(W)^2 (the random fill's N(0, std^2), std 1 here); W is +-1 (`_balanced_signs`)."""
+    old_cols = in_map.source >= 0
+    alpha = float(grown.movedim(in_dim, -1)[..., : in_map.old].reshape(-1)[0]
+                  / w.movedim(in_dim, -1).reshape(-1)[0])
+    g = grown.masked_fill(fresh_mask, 0.0).movedim(in_dim, -1)
+    copy = torch.zeros(in_map.new, in_map.old)
+    copy[old_cols.nonzero().flatten(), in_map.source[old_cols]] = 1.0
+    collapsed = (g @ copy).pow(2).sum() + alpha ** 2 * fresh_mask.sum()
+    rows_new, rows_old = grown.numel() // in_map.new, w.numel() // in_map.old
+    return math.sqrt((collapsed / rows_new) / (w.pow(2).sum() / rows_old))
+
+
+@pytest.mark.parametrize("new_units", ["copy", "random"])
+@pytest.mark.parametrize("factor", [1.25, 1.5, 2, 2.5, 3])
+def test_sparkling_keeps_every_linear_rms_ratio_exactly_at_any_factor(factor, new_units):
+    """Every width axis grown by `factor` at once: the expected RMS(y)/RMS(x) of every linear
+    over iid weights and inputs, computed exactly (`expected_rms_ratio`), is kept to 1e-6."""
+    s = RMS_SHAPE
+    heads = int(s.num_attention_heads * factor)
+    target = s.replace(hidden_size=int(s.hidden_size * factor), num_attention_heads=heads,
+                       num_query_groups=heads, ffn_hidden_size=int(s.ffn_hidden_size * factor),
+                       moe_ffn_hidden_size=int(s.moe_ffn_hidden_size * factor),
+                       moe_shared_expert_intermediate_size=int(
+                           s.moe_shared_expert_intermediate_size * factor))
+    grower = Grower(GrowthSpec(s, target, "sparkling", 3, {"new_units": new_units}))
+    gen = torch.Generator().manual_seed(0)
+    for key in RMS_LINEARS:
+        lay = grower.layout(key)
+        maps = grower.plan.tensor_maps(lay)
+        in_dim = next(d for d, dim in enumerate(lay.dims) if dim.role is layout.Role.IN)
+        w = _balanced_signs([m.old for m in maps], gen)
+        grown = grower.grow(key, w)
+        fresh = width.axis_mask(maps, fresh=True)
+        fresh = torch.zeros_like(grown, dtype=torch.bool) if fresh is None else fresh
+        ratio = expected_rms_ratio(w, grown, in_dim, maps[in_dim], fresh)
+        assert ratio == pytest.approx(1.0, abs=1e-6), (key, factor, new_units, ratio)
 
 
 SHAPE = ModelShape(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=2,
@@ -242,3 +307,25 @@ def test_fresh_layers_need_a_depth_rule_and_get_it():
     assert torch.equal(grown[:2], w) and not grown[2].any()
     assert calls == [(key, "param", [2])]
     assert grower.plan.new_mask(grower.layout(key))[2].all() and not grower.plan.new_mask(grower.layout(key))[:2].any()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_zero_draws_incoming_weights_as_megatron_inits_and_zeroes_outgoing(tied):
+    """zero, hidden and FFN grown: a new unit's incoming rows are N(0, sigma^2) (sigma 0.02;
+    sigma / sqrt(2 L) for fc2, as megatron-core's output_layer_init_method), its outgoing
+    columns zero; tied embeddings: the final norm's new gains are the outgoing side (zero)."""
+    shape = RMS_SHAPE.replace(num_layers=4, hidden_size=64, moe_ffn_hidden_size=64,
+                              tied_embeddings=tied)
+    target = shape.replace(hidden_size=128, moe_ffn_hidden_size=128)
+    grower = Grower(GrowthSpec(shape, target, "zero", 2))
+    fc1, fc2 = ("decoder.layers.mlp.experts.experts.linear_fc1.weight",
+                "decoder.layers.mlp.experts.experts.linear_fc2.weight")
+    w1 = grower.grow(fc1, torch.ones(4, 2, 128, 64))       # (L, E, 2f, h)
+    w2 = grower.grow(fc2, torch.ones(4, 2, 64, 64))        # (L, E, h, f)
+    assert not w1[..., 64:].any() and not w2[..., 64:].any()   # outgoing: zero
+    assert torch.equal(w1[:, :, :64, :64], torch.ones(4, 2, 64, 64))   # old kept
+    for drawn, std in ((w1[:, :, 64:128, :64], 0.02), (w2[:, :, 64:, :64], 0.02 / math.sqrt(8))):
+        # sampling error of a std over n draws: about std / sqrt(2n) (n = 16384 here: 0.6%)
+        assert float(drawn.std()) == pytest.approx(std, rel=0.03)
+    gains = grower.grow("decoder.final_layernorm.weight", torch.ones(64))
+    assert torch.equal(gains[64:], torch.zeros(64) if tied else torch.ones(64))

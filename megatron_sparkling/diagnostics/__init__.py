@@ -9,6 +9,8 @@ On live megatron-core GPTModels with every shard in this process (1 rank):
 - `twin_similarity(model, plan, batches=None)`: cosine of each new unit's weights (and gradient on
   `batches`) with its twin's, summarized per grown axis; `twin_cosines(tensors, plan)` does the
   same on any global tensors by checkpoint key (pure tensor code);
+- `first_update.first_update_gaps(grower, small, grown)`: Adam's first update after growth
+  (m/sqrt(v) after one step) against the small model's, element for element;
 - `verify_checkpoints(before_root, after_root, ...)`: the report of two torch_dist checkpoints
   (what `megatron-sparkling verify` prints).
 """

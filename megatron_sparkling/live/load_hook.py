@@ -30,7 +30,7 @@ from megatron_sparkling.compat.optimizer import (initialize_empty_state,
                                                  patched_fully_reshardable_load)
 from megatron_sparkling.core.sizes import WIDTH_FIELDS
 from megatron_sparkling.core.spec import GrowthSpec, GrowthSpecError, ModelShape, ParallelLayout
-from megatron_sparkling.live import mask_ramp, rewarmup
+from megatron_sparkling.live import lr_restart, mask_ramp, rewarmup
 from megatron_sparkling.live.state import GlobalShapeError, fill_live, resume_position
 from megatron_sparkling.log import print_rank_0
 from megatron_sparkling.methods import REGISTRY
@@ -214,18 +214,21 @@ def regroup_into(args, model, optimizer, scheduler, pending: PendingGrowth,
 
 
 def after_load(args, model, optimizer, scheduler) -> None:
-    """After a normal load of --load: continue or start the re-warmup and MSG's mask ramp."""
+    """After a normal load of --load: continue or start the re-warmup, MSG's mask ramp and
+    staged's LR restart."""
     if optimizer is None or scheduler is None:
         return
     rewarmup.rewarmup_after_load(model, optimizer, scheduler, args)
-    if getattr(scheduler, "mask_ramp", None) is not None or not getattr(args, "load", None):
+    if not getattr(args, "load", None) or (getattr(scheduler, "mask_ramp", None) is not None
+                                           and getattr(scheduler, "lr_restart", None) is not None):
         return
     from megatron.core import dist_checkpointing
 
     ckpt_dir = checkpoint_dir_to_load(args.load, getattr(args, "ckpt_step", None))
     if ckpt_dir is not None:
-        mask_ramp.mask_ramp_after_load(model, scheduler,
-                                       dist_checkpointing.load_common_state_dict(ckpt_dir), args)
+        common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+        mask_ramp.mask_ramp_after_load(model, scheduler, common, args)
+        lr_restart.lr_restart_after_load(scheduler, common, args)
 
 
 # Called after every growth on load as listener(args, growth, iteration, rewarmup, model);
@@ -266,6 +269,7 @@ def grow_into(args, model, optimizer, scheduler, growth: PendingGrowth,
         if mask_ramp.needs_mask_ramp(grower.record()):
             mask_ramp.install_mask_ramp(model, scheduler, grower.record(),
                                         args.global_batch_size)
+        lr_restart.install_lr_restart(scheduler, grower.record(), args.global_batch_size)
     torch.distributed.barrier()
     for listener in GROWTH_LISTENERS:
         listener(args, growth, iteration, installed, model)

@@ -249,6 +249,9 @@ def _make_rewarmup_scheduler_class():
             if rewarmup is not None and rewarmup.state.scope == "all":
                 for group in self.optimizer.param_groups:
                     set_group_lr(group, rewarmup.lr_new(group))
+            for _, carried in self._carried():   # a schedule transform (lr_restart.py)
+                if hasattr(carried, "adjust_lr"):
+                    carried.adjust_lr(self)
 
         def _carried(self):
             for key, attribute in getattr(self, "sparkling_carried", {}).items():

@@ -114,8 +114,9 @@ class ElementwiseGrowth(GrowthMethod):
         """Bool mask of elements that are not structural zeros (None: all)."""
         return None
 
-    def state_factor(self, maps: list) -> int:
-        return 1
+    def state_scale(self, lay: layout_lib.TensorLayout, maps: list) -> width.Factor:
+        """Factor on the grown moments (the "staged" rule: the gradient's scale)."""
+        return None
 
     # ------------------------------------------------------------------ the recipe
     def grow_tensor(self, key: str, tensor: torch.Tensor, kind: str,
@@ -129,7 +130,7 @@ class ElementwiseGrowth(GrowthMethod):
             grown = self._grow_weight(key, work, lay, maps, plan)
         else:
             grown = optimizer.grow_state(work, maps, kind, self.state_rule,
-                                         factor=self.state_factor(maps),
+                                         scale=self.state_scale(lay, maps),
                                          structure=self.state_structure(lay, maps))
         self._fill_fresh_layers(key, kind, lay, grown, maps)
         return grown.to(tensor.dtype)

@@ -21,9 +21,10 @@ class Sparkling(ElementwiseGrowth):
       with sigma the tensor's own std ("random"), or drawn from the tensor's own values
       ("empirical"); never rescaled;
     - fan-in columns: W' = alpha [W, W_new], alpha on OLD and NEW columns alike, so that every
-      linear keeps RMS(y)/RMS(x): copy-copy 1/sqrt(1 + 3c) (0 < c <= 1) or 1/(1 + c) (c > 1),
-      fresh sqrt(n/n') (operators.width.sparkling_alpha). At integer factors copy-copy is
-      exactly Net2Net's split: the function is preserved;
+      linear keeps RMS(y)/RMS(x) for iid weights at any factor: sqrt(n / sum_i k_i^2) with k_i
+      the copies of old unit i in the plan (1/sqrt(1 + 3c) for 0 < c <= 1), fresh sqrt(n/n')
+      (operators.width.sparkling_alpha). At integer factors copy-copy is exactly Net2Net's
+      split: the function is preserved;
     - norm gains copied (fresh units: drawn from the gain's own values), never rescaled; with
       tied embeddings the output side's fan-in factor is folded into decoder.final_layernorm;
     - experts: a new expert copies a source expert and its router row in every mode (routing is

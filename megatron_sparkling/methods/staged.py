@@ -2,7 +2,9 @@
 side by side, W -> [[W, 0], [0, W]].
 
 Every grown width axis grows by the same integer factor k (experts: any integer multiple,
-copied); the per-tensor rules are listed on `Staged`. Off-diagonal blocks receive gradient once
+copied); the per-tensor rules are listed on `Staged`. The paper's learning-rate transform (restart
+of the schedule with a short re-warmup) is an option (`restart_warmup_iters`,
+`restart_iteration`), applied at run time by live/lr_restart.py. Off-diagonal blocks receive gradient once
 training resumes (each copy's input is the sum of both copies' outputs through the shared
 router and the residual), so the copies do not stay independent: tests/test_width.py measures
 how fast the off-diagonal blocks fill in.
@@ -13,7 +15,7 @@ from megatron_sparkling.core.layout import Role
 from megatron_sparkling.methods.base import register
 from megatron_sparkling.methods.elementwise import ElementwiseGrowth, integer_factor_or_refuse
 from megatron_sparkling.methods.hypercloning import tiled_plan
-from megatron_sparkling.operators import width
+from megatron_sparkling.operators import optimizer, width
 from megatron_sparkling.core.sizes import WIDTH_FIELDS
 from megatron_sparkling.core.spec import GrowthSpecError
 
@@ -38,13 +40,29 @@ class Staged(ElementwiseGrowth):
     - tied embeddings: the output's 1/k is folded into the final norm (the paper's "final norm
       halved" at k = 2).
     Experts (any integer multiple): copies, as for every copying method.
-    Optimizer: moments laid out like the weights (off-diagonal blocks zero), then m / k and
-    v / k^2 (momentum / k) for tensors that grew, so Adam's update m/sqrt(v) equals the small
-    model's.
+    Optimizer: moments laid out like the weights (off-diagonal blocks zero), then m * s and
+    v * s^2 (momentum * s) with s each element's gradient scale, derived from the layout
+    (operators.optimizer.copy_gradient_scale: 1/k on tensors whose output rows, gains or experts
+    were copied, 1 on the output layer and on QKV/fc1/router when only their input grew), so
+    that the first Adam update after growth equals the small model's, element for element
+    (the paper's uniform m/2, v/4 is right only for the former). Off-diagonal blocks get a
+    gradient (1/k of the diagonal's) but start from zero moments, as in the paper.
     """
     name = "staged"
     preserves_function = True
     state_rule = "staged"
+
+    def __init__(self, restart_warmup_iters: int = 0, restart_iteration: int = -1):
+        """The paper's LR schedule transform (live/lr_restart.py), applied by the relaunch:
+        `restart_warmup_iters` W > 0 re-warms the LR from 0 over W iterations; the base
+        schedule continues from `restart_iteration` (-1: the growth iteration). Both default
+        off: the base schedule continues unchanged."""
+        super().__init__()
+        if int(restart_warmup_iters) < 0 or int(restart_iteration) < -1:
+            raise ValueError(f"staged: restart_warmup_iters must be >= 0 and restart_iteration "
+                             f">= 0 or -1 (got {restart_warmup_iters}, {restart_iteration})")
+        self.restart_warmup_iters = int(restart_warmup_iters)
+        self.restart_iteration = int(restart_iteration)
 
     def validate(self, spec):
         factors = integer_factor_or_refuse(spec, self.name)
@@ -56,11 +74,6 @@ class Staged(ElementwiseGrowth):
 
     def make_plan(self, spec):
         return self.check_layers(tiled_plan(spec))
-
-    def _factor(self, maps) -> int:
-        ks = [width.integer_factor(m) for m in maps if m.grown]
-        ks = [k for k in ks if k]
-        return max(ks) if ks else 1
 
     def fan_in_factor(self, umap, out_grown):
         # Block-diagonal tensors read one copy of each input: no division.
@@ -82,5 +95,5 @@ class Staged(ElementwiseGrowth):
     def state_structure(self, lay, maps):
         return self._structure(lay, maps)
 
-    def state_factor(self, maps):
-        return self._factor(maps)
+    def state_scale(self, lay, maps):
+        return optimizer.copy_gradient_scale(lay.dims, maps)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_sparkling.operators import width
-from megatron_sparkling.core.layout import STATE_KINDS
+from megatron_sparkling.core.layout import STATE_KINDS, Axis, Role
 from megatron_sparkling.core.plan import UnitMap
 
 STATE_RULES = ("reset_new", "copy", "zero_all", "staged")
@@ -19,7 +19,8 @@ MOMENT_KINDS = tuple(k.name for k in STATE_KINDS if k.moment)
 
 
 def grow_state(state: torch.Tensor, maps: Sequence[UnitMap], kind: str, rule: str,
-               factor: int = 1, structure: Optional[torch.Tensor] = None) -> torch.Tensor:
+               scale: width.Factor = None,
+               structure: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The grown optimizer state of one tensor.
 
     Rules (`STATE_RULES`), applied to the state gathered along the tensor's element maps:
@@ -29,13 +30,15 @@ def grow_state(state: torch.Tensor, maps: Sequence[UnitMap], kind: str, rule: st
     - "copy": twins copy their source's state (Net2Net, copy-opt); fresh elements zero;
     - "zero_all": every element zero (drop-opt);
     - "staged": staged training's doubling: the state laid out as the weight ([[S, 0], [0, S]]
-      where the weight is block-diagonal), then m / k and v / k^2 (momentum / k), so that
-      Adam's update m / sqrt(v) equals the small model's for each copy.
+      where the weight is block-diagonal), then m * s and v * s^2 (momentum * s) with s the
+      per-element gradient scale (`copy_gradient_scale`), so that Adam's first update after
+      growth, (s m + (1 - b1) s g) / sqrt(s^2 v + (1 - b2) s^2 g^2), equals the small model's.
     Old elements sit where the element maps put them (old heads move inside the fused QKV
     layout): "old" means "same source element, copy 0", not "same index".
 
-    `factor` (k) and `structure` (bool, grown shape: False where the weight is a structural
-    zero, e.g. off-diagonal blocks) are used by the "staged" rule only."""
+    `scale` (a number or a tensor broadcastable to the grown shape) and `structure` (bool,
+    grown shape: False where the weight is a structural zero, e.g. off-diagonal blocks) are used
+    by the "staged" rule only."""
     if kind not in MOMENT_KINDS:
         raise ValueError(f"optimizer rules apply to {MOMENT_KINDS}, not {kind!r} (fp32 main "
                          "params follow the weight rule)")
@@ -55,12 +58,38 @@ def grow_state(state: torch.Tensor, maps: Sequence[UnitMap], kind: str, rule: st
     if rule == "staged":
         if structure is not None:
             grown.masked_fill_(~structure, 0.0)
-        grown = staged_scale(grown, kind, factor)
+        grown = scale_moment(grown, kind, scale)
     return grown
 
 
-def staged_scale(state: torch.Tensor, kind: str, factor: int) -> torch.Tensor:
-    """m / k, v / k^2, momentum / k (staged training's doubling at k = 2: m/2, v/4)."""
-    if factor == 1:
+def scale_moment(state: torch.Tensor, kind: str, scale: width.Factor) -> torch.Tensor:
+    """The moment of a gradient multiplied by `scale`: m * s, v * s^2, momentum * s."""
+    if scale is None:
         return state
-    return state / (factor * factor) if kind == "exp_avg_sq" else state / factor
+    return state * (scale * scale) if kind == "exp_avg_sq" else state * scale
+
+
+def copy_gradient_scale(dims, maps: Sequence[UnitMap]) -> Optional[torch.Tensor]:
+    """How a tensor's gradient scales, element by element, when the model grows by copies whose
+    outputs are averaged (staged training, HyperCloning): a float tensor broadcastable to the
+    grown shape (None: 1 everywhere).
+
+    Why: such a growth keeps the function, and the loss is symmetric in the k copies of an
+    activation that move together; so each copy's gradient is 1/k of the small model's. A
+    weight's gradient is (gradient at its output) x (its input), and the inputs are exact
+    copies: the element's gradient is scaled by 1 / (copies of its source) along every
+    dimension that indexes the tensor's OUTPUT: output rows (Role.OUT: fc1, QKV, proj and fc2
+    rows, embedding columns), norm gains (Role.GAIN), and whole experts (a copied expert's
+    output is weighted p/k). Input columns (Role.IN) and vocabulary rows do not scale it: the
+    output layer's and router's gradients are the small model's (for a router row, the expert
+    dimension counts: its k copies share the softmax mass)."""
+    scale = None
+    for d, (dim, m) in enumerate(zip(dims, maps)):
+        if not m.grown or not (dim.role in (Role.OUT, Role.GAIN) or dim.axis is Axis.EXPERT):
+            continue
+        counts = m.copies().clamp(min=1).to(torch.float32)[m.source.clamp(min=0)]
+        shape = [1] * len(maps)
+        shape[d] = m.new
+        f = (1.0 / counts).view(shape)
+        scale = f if scale is None else scale * f
+    return scale

@@ -105,28 +105,30 @@ def split_factors(umap: UnitMap) -> torch.Tensor:
     return torch.where(umap.source >= 0, f, torch.ones_like(f))
 
 
-def growth_ratio(umap: UnitMap) -> float:
-    """c = n'/n - 1 (1 at 2x)."""
-    return umap.new / umap.old - 1.0
-
-
-def sparkling_alpha(umap: UnitMap, copy_copy: bool) -> float:
+def sparkling_alpha(umap: UnitMap, copy_copy: bool = True) -> float:
     """SPARKLING's fan-in factor, multiplying old and new columns alike, so that a linear's
-    RMS ratio RMS(y)/RMS(x) is unchanged by growth.
+    RMS ratio RMS(y)/RMS(x) is unchanged by growth, for iid weights, at any factor.
 
-    copy_copy (new columns copy their twins' columns AND read copies of their twins' inputs):
-    a duplicated term counts (1 + 1)^2 = 4 in the output variance, so with a fraction c of the
-    units duplicated (0 < c <= 1) the variance grows by 1 + 3c: alpha = 1/sqrt(1 + 3c); beyond
-    2x each unit is repeated (1 + c) times on average: alpha = 1/(1 + c). At an integer factor
-    k this is 1/k: exactly Net2Net's split, so the function is preserved.
-    Otherwise (new columns random, zero, or copied on one side only) the new terms are
-    independent of the old: alpha = sqrt(n / n')."""
+    Computed from the plan, not from c: with the grown input x' copying old unit i k_i times
+    (itself included: `umap.copies()`) and new columns copying their twins' columns, the output
+    is y' = alpha sum_i k_i w_i x_i, so E|y'|^2 = alpha^2 sigma^2 sum_i k_i^2 x_i^2 while
+    RMS(x') = RMS(x); each fresh unit (source -1: random column, independent input of the same
+    RMS) adds one more unit term. RMS consistency gives
+
+        alpha = sqrt(n / (sum_i k_i^2 + n_fresh)).
+
+    Copies only, 0 < c <= 1: sum k_i^2 = n (1 + 3c), alpha = 1/sqrt(1 + 3c); integer factor k:
+    1/k, Net2Net's split (function preserved); fresh only: sqrt(n / n').
+    `copy_copy` False: the new columns are NOT copies of their twins' columns although their
+    inputs are (not used by any method here): every new unit counts as fresh."""
     if not umap.grown:
         return 1.0
-    c = growth_ratio(umap)
+    counts = umap.copies().to(torch.float64)
+    fresh = int((umap.source < 0).sum())
     if not copy_copy:
-        return math.sqrt(umap.old / umap.new)
-    return 1.0 / math.sqrt(1.0 + 3.0 * c) if c <= 1.0 else 1.0 / (1.0 + c)
+        fresh += int(counts.sum()) - umap.old
+        counts = counts.clamp(max=1)
+    return math.sqrt(umap.old / float(counts.pow(2).sum() + fresh))
 
 
 def scale_along(tensor: torch.Tensor, dim: int, factor: Factor) -> torch.Tensor:
