@@ -26,9 +26,9 @@ test-quick: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The quick suite against other megatron-core releases, each in its own venv (.venv-mcore-X):
-# 0.19.2 (it declares Python >= 3.12 but installs and runs on 3.11). `make test-compat
-# COMPAT_VERSIONS=0.15.3` runs the older one, which does not pass yet (README "CPU and GPU").
-COMPAT_VERSIONS ?= 0.19.2
+# 0.15.3, and 0.19.2 (it declares Python >= 3.12 but installs and runs on 3.11).
+# `make test-compat COMPAT_VERSIONS=0.19.2` runs one of them.
+COMPAT_VERSIONS ?= 0.15.3 0.19.2
 test-compat: $(addprefix compat-,$(COMPAT_VERSIONS))
 
 compat-%:

@@ -1,12 +1,18 @@
-"""Work around megatron-core 0.16.1's load of `fully_reshardable` distributed-optimizer state.
+"""Work around megatron-core's handling of torch Adam's per-parameter `step` in distributed-optimizer
+state (no apex / Transformer Engine, e.g. on CPU: each parameter's optimizer state holds a 0-dim
+`step` tensor; Megatron keeps the step in the param groups).
 
-With torch's Adam (no apex / Transformer Engine, e.g. on CPU) each parameter's optimizer state
-holds a `step` tensor. `DistributedOptimizer._set_main_param_and_optimizer_states` copies every
-key of that state from the loaded tensors, but the loader strips `step` (it lives in the param
-groups), so loading a `fully_reshardable` checkpoint fails with KeyError 'step'. While the
-context below is active, only the keys that were loaded are copied; `step` is restored from the
-param groups by `DistributedOptimizer.load_state_dict` as usual. Nothing in megatron-core's files
-is edited, and the method is restored on exit.
+- Load (0.16.1, `fully_reshardable`): `DistributedOptimizer._set_main_param_and_optimizer_states`
+  copies every key of that state from the loaded tensors, but the loader strips `step`, so the
+  load fails with KeyError 'step'. While `patched_fully_reshardable_load` is active, only the keys
+  that were loaded are copied; `step` is restored from the param groups by
+  `DistributedOptimizer.load_state_dict` as usual.
+- Save (before 0.16, `dp_reshardable`): `sharded_param_state_dp_reshardable` maps every
+  per-parameter state tensor onto its bucket and asserts a bucket-sized shape, which the 0-dim
+  `step` fails. While `steps_out_of_buckets` is active, `step` is left out of the bucket state,
+  as 0.16 does (it stores it nowhere but in the param groups).
+
+Nothing in megatron-core's files is edited, and each method is restored on exit.
 """
 from __future__ import annotations
 
@@ -33,6 +39,36 @@ def _set_loaded_states_only(self, model_param, tensors):
         # `step` was already set from the param groups; a per-tensor copy would be stale.
         if key in tensors and key != "step":
             target.copy_(tensors[key])
+
+
+def _bucket_state_without_step(self):
+    state = type(self).get_parameter_state_dp_reshardable(self)
+    for gbuf_idx in range(len(self.gbuf_ranges)):
+        for buckets in state[gbuf_idx].values():
+            for bucket in buckets:
+                for tensors in bucket:
+                    tensors.pop("step", None)
+    return state
+
+
+def _buckets_take_step() -> bool:
+    """megatron-core before 0.16 maps `step` onto the dp_reshardable buckets (0.16 skips it)."""
+    from megatron.core.package_info import VERSION
+
+    return tuple(int(v) for v in VERSION[:2]) < (0, 16)
+
+
+@contextlib.contextmanager
+def steps_out_of_buckets(optimizer):
+    opts = (list(_distributed_optimizers(optimizer))
+            if optimizer is not None and _buckets_take_step() else [])
+    for opt in opts:
+        opt.get_parameter_state_dp_reshardable = _bucket_state_without_step.__get__(opt)
+    try:
+        yield
+    finally:
+        for opt in opts:
+            del opt.get_parameter_state_dp_reshardable
 
 
 @contextlib.contextmanager

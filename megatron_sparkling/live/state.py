@@ -18,6 +18,7 @@ import torch
 from megatron_sparkling.compat.optimizer import (
     initialize_empty_state,
     patched_fully_reshardable_load,
+    steps_out_of_buckets,
 )
 from megatron_sparkling.mcore.model import unwrap
 
@@ -102,8 +103,9 @@ def build_state_dict(args, model, optimizer, scheduler, metadata: dict, iteratio
     for i, chunk in enumerate(chunks):
         state[_model_key(i, len(chunks))] = chunk.sharded_state_dict(metadata=metadata)
     if with_optimizer and optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
-                                                          metadata=metadata)
+        with steps_out_of_buckets(optimizer):
+            state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                              metadata=metadata)
         if scheduler is not None:
             state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
