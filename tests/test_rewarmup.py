@@ -260,6 +260,24 @@ def test_per_element_bias_correction_gives_new_elements_fresh_adam_steps(corpus_
     assert sign_dev <= 1.0
 
 
+@pytest.mark.parametrize("scope", ["all", "none"])
+def test_per_element_bias_correction_with_any_rewarmup_scope(corpus_prefix, narrow_model, scope):
+    """Without scope "new" the hooks only count new elements' bias correction from growth: with
+    "all" every element has the re-warmed LR, with "none" the base one."""
+    with grown_run(corpus_prefix, narrow_model) as (trainer, record):
+        rewarmup = schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
+                                             record, config(scope, "per-element"))
+        _zero_new_moments(rewarmup)
+        lr = (new_lr if scope == "all" else base_lr)(T_E)
+        dev_new, dev_old, _, n_new = check_one_step(trainer, masks_of(rewarmup),
+                                                    lambda c: (lr, lr), new_step=1)
+        figures = schedule.lr_figures(trainer.scheduler)
+        assert figures == {} if scope == "none" else figures == pytest.approx(
+            {schedule.NEW_LR: new_lr(T_E + 1), schedule.OLD_LR: new_lr(T_E + 1)}, rel=1e-12)
+    assert n_new == rewarmup.new_elements > 0
+    assert dev_new <= 4.0 and dev_old <= 4.0
+
+
 def test_per_element_bias_correction_needs_adam(corpus_prefix, narrow_model):
     with grown_run(corpus_prefix, narrow_model, optimizer="sgd") as (trainer, record):
         with pytest.raises(schedule.RewarmupError, match="needs Adam"):
