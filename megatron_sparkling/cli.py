@@ -165,6 +165,7 @@ def _target_sizes() -> tuple:
 
 
 def expand_parser() -> argparse.ArgumentParser:
+    from megatron_sparkling.core.record import BIAS_CORRECTIONS
     from megatron_sparkling.methods import REGISTRY
 
     p = argparse.ArgumentParser(
@@ -190,6 +191,10 @@ def expand_parser() -> argparse.ArgumentParser:
                    help="learning-rate re-warmup length after growth (stored in the record)")
     g.add_argument("--rewarmup-peak-ratio", type=float, default=None,
                    help="re-warmup peak relative to the scheduled learning rate")
+    g.add_argument("--new-state-bias-correction", choices=BIAS_CORRECTIONS, default=None,
+                   help="Adam bias correction of new elements after growth: global (the "
+                        "optimizer's step, default) or per-element (counted from growth); "
+                        "stored in the record")
     from megatron_sparkling.core.spec import DEPTH_METHODS, DEPTH_PLACEMENTS, NEW_LAYER_STATES
 
     d = p.add_argument_group("depth growth (with --num-layers above the source's; combines with "
@@ -258,6 +263,7 @@ def expand_request(ns):
         expert_parallel=ns.target_expert_model_parallel_size,
         expert_tensor_parallel=ns.target_expert_tensor_parallel_size,
         rewarmup_iters=ns.rewarmup_iters, rewarmup_peak_ratio=ns.rewarmup_peak_ratio,
+        new_state_bias_correction=ns.new_state_bias_correction,
         keep_rng=ns.keep_rng, drop_optimizer=ns.no_optimizer, overwrite=ns.overwrite,
         progress=not ns.no_progress)
 

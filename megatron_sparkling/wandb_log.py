@@ -188,7 +188,7 @@ def log_hook_growth(args, growth, iteration: int, rewarmup, model) -> None:
     before, after = new_element_count(growth)
     settings = None if rewarmup is None else {
         "iters": rewarmup.state.warmup_iters, "peak_ratio": rewarmup.state.peak_ratio,
-        "scope": rewarmup.state.scope}
+        "scope": rewarmup.state.scope, "bias_correction": rewarmup.state.bias_correction}
     event = growth_event(iteration, growth.grower.record(), growth.src.path, before, after,
                          path="load hook", rewarmup=settings)
     summary = None

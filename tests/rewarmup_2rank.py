@@ -2,7 +2,8 @@
 two ranks, experts split by EP.
 
 grow:   trains T_E iterations, installs the re-warmup of a growth record (hidden 32->64, expert
-        FFN 64->128, experts 2->4), trains into the ramp, checks one step on every local
+        FFN 64->128, experts 2->4; --sparkling-new-state-bias-correction as given), trains into
+        the ramp, checks one step on every local
         main-param shard against AdamW by hand, saves <out>/ckpt, trains one more iteration;
         writes this rank's figures to <out>/rank<r>.json.
 resume: loads <out>/ckpt (the re-warmup comes back from the checkpoint), trains one iteration;
@@ -56,6 +57,7 @@ def resume(out_dir, argv):
         rewarmup = trainer.scheduler.rewarmup
         record = trainer.train_step()
         result = dict(growth_step=rewarmup.state.growth_step, new_elements=rewarmup.new_elements,
+                      bias_correction=rewarmup.state.bias_correction,
                       step=(record["iteration"], record["lm loss"], record[schedule.NEW_LR],
                             record[schedule.OLD_LR]))
         rank = torch.distributed.get_rank()
@@ -83,12 +85,14 @@ def grow(out_dir, argv):
                                 moe_ffn_hidden_size=NARROW["moe_ffn_hidden_size"],
                                 num_experts=NARROW["num_experts"])
         grower = Grower(GrowthSpec(source, target, "copy", seed=3), GrowthMethod())
-        config = schedule.RewarmupConfig(W, R, "new", GBS)
+        bias = trainer.args.sparkling_new_state_bias_correction or "global"
+        config = schedule.RewarmupConfig(W, R, "new", GBS, bias_correction=bias)
         rewarmup = schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
                                              grower.record(), config)
         records = [trainer.train_step(), trainer.train_step()]
-        dev_new, dev_old, dev_abs, n_new = check_one_step(trainer, masks_of(rewarmup),
-                                                          ramp_lrs(T_E + 2))
+        dev_new, dev_old, dev_abs, n_new = check_one_step(  # the third step after growth: k = 3
+            trainer, masks_of(rewarmup), ramp_lrs(T_E + 2),
+            new_step=3 if bias == "per-element" else None)
         records.append(trainer.history[-1])
         trainer.save(os.path.join(out_dir, "ckpt"))
         after_save = trainer.train_step()
@@ -109,6 +113,8 @@ def grow(out_dir, argv):
         result = dict(rank=rank, dev_new_ulp=dev_new, dev_old_ulp=dev_old, dev_abs=dev_abs,
                       new_elements=n_new, rewarmup_new_elements=rewarmup.new_elements,
                       global_new_elements=global_new, experts_all_new=experts_all_new,
+                      masked_parts=len(rewarmup.hooks.opt_masks),
+                      parts=len(trainer.optimizer.chained_optimizers),
                       hidden_shards=_known_hidden_masks(trainer, rewarmup),
                       lrs=[(r["iteration"], r[schedule.NEW_LR], r[schedule.OLD_LR])
                            for r in records],

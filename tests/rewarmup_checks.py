@@ -64,11 +64,12 @@ def capture_next_step(optimizer):
     return seen, handles
 
 
-def adamw(c, lr):
+def adamw(c, lr, step=None):
     """torch.optim.AdamW's update, by hand, in float64: (new param, the magnitude of what its
-    fp32 computation adds up, which bounds fp32 rounding: |p| + lr |b1 m| + lr |(1-b1) g| ...)."""
+    fp32 computation adds up, which bounds fp32 rounding: |p| + lr |b1 m| + lr |(1-b1) g| ...).
+    `step`: the step count of the bias correction (default: the optimizer's, its next step)."""
     b1, b2 = c["betas"]
-    step = c["step"] + 1
+    step = c["step"] + 1 if step is None else step
     m = b1 * c["m"] + (1 - b1) * c["grad"]
     v = b2 * c["v"] + (1 - b2) * c["grad"] ** 2
     denom = (v.sqrt() / math.sqrt(1 - b2 ** step)) + c["eps"]
@@ -78,9 +79,10 @@ def adamw(c, lr):
     return c["before"] * (1 - lr * c["wd"]) - step_size * m / denom, magnitude
 
 
-def check_one_step(trainer, masks_of, lrs):
+def check_one_step(trainer, masks_of, lrs, new_step=None):
     """Run one training step; every element must move as AdamW with the new-element LR where
-    masked and the old one elsewhere (`lrs(captured) -> (old LR, new LR)`). Returns the max deviations (masked, unmasked) in units of fp32
+    masked and the old one elsewhere (`lrs(captured) -> (old LR, new LR)`); masked elements with
+    the bias correction of step `new_step` if given. Returns the max deviations (masked, unmasked) in units of fp32
     rounding (2^-23 of the magnitudes the step adds up: a cancelling Adam moment makes a small
     update carry the rounding of large terms), the max absolute deviation and the masked count."""
     seen, handles = capture_next_step(trainer.optimizer)
@@ -93,7 +95,8 @@ def check_one_step(trainer, masks_of, lrs):
         after = c["param"].detach().double()
         mask = masks_of(c["param"])
         lr_unmasked, lr_masked = lrs(c)
-        (plain, mag_plain), (rewarmed, mag_rewarmed) = adamw(c, lr_unmasked), adamw(c, lr_masked)
+        (plain, mag_plain) = adamw(c, lr_unmasked)
+        (rewarmed, mag_rewarmed) = adamw(c, lr_masked, new_step)
         expected = torch.where(mask, rewarmed, plain)
         dev_abs = max(dev_abs, float((after - expected).abs().max()))
         ulp = torch.maximum(mag_plain, mag_rewarmed) * 2.0 ** -23 + 1e-30

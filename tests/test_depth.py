@@ -127,8 +127,9 @@ def test_every_depth_method_grows_a_trained_moe_model(corpus_prefix, stack_kind)
         print(f"\n[{stack_kind}] held-out loss {before:.4f} before growth 2 -> 4 layers; change: "
               + ", ".join(f"{m}{'@' + str(i) if i is not None else ''} {d:+.4f}"
                           for (m, i), d in changes.items()))
-        # no method may wreck the model (the loss of a 20-step model is ~4.5 nats)
-        assert all(abs(d) < 1.0 for d in changes.values()), changes
+        # no method may wreck the model: none keeps the function (identity aside), so the bound is
+        # a tenth of what training gained over chance (ln 256, an untrained model's loss)
+        assert all(abs(d) < 0.1 * (math.log(256) - before) for d in changes.values()), changes
 
 
 def _check_state_grown(sources, grown, spec):

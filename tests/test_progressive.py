@@ -1,4 +1,6 @@
 """Zero/one-layer progressive training: a real run grows to full depth in process and goes on."""
+import math
+
 import pytest
 import torch
 
@@ -46,7 +48,9 @@ def test_progressive_start_grows_to_full_depth_and_loss_keeps_falling(corpus_pre
           f"{planned['progressive']:.3e} vs fixed {planned['fixed']:.3e} FLOPs "
           f"(saving {planned['saving']:.1%})")
     assert final < after_growth - 0.05        # training continues after growth: the loss falls
-    assert abs(after_growth - at_growth_small) < 1.0
+    # new layers (random or copied) do not keep the function: growth may give back at most a
+    # tenth of what the small model gained over chance (ln 256, an untrained model's loss)
+    assert abs(after_growth - at_growth_small) < 0.1 * (math.log(256) - at_growth_small)
 
 
 def test_progressive_flags_are_checked(corpus_prefix):

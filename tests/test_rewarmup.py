@@ -14,8 +14,8 @@ import torch
 
 from conftest import megatron_run, single_rank, tiny_moe_flags
 from rewarmup_checks import (GBS, LR, MIN_LR, NARROW, R, REWARMUP, RUN, T_E, TOTAL, W, WIDE,
-                             base_lr, check_one_step, inner_optimizers, masks_of, new_lr,
-                             ramp_lrs)
+                             base_lr, capture_next_step, check_one_step, inner_optimizers,
+                             masks_of, new_lr, ramp_lrs)
 from megatron_sparkling.live import element_lr
 from megatron_sparkling.core import layout
 from megatron_sparkling.core.record import RECORD_KEY
@@ -80,9 +80,9 @@ def _bf16_run(argv):
         yield Pretrainer(args)
 
 
-def config(scope="new"):
+def config(scope="new", bias_correction="global"):
     return schedule.RewarmupConfig(warmup_iters=W, peak_ratio=R, scope=scope,
-                                   samples_per_iteration=GBS)
+                                   samples_per_iteration=GBS, bias_correction=bias_correction)
 
 
 # ---------------------------------------------------------------------------- masks
@@ -210,6 +210,102 @@ def test_one_step_matches_adamw_with_the_new_elements_lr(corpus_prefix, narrow_m
     assert dev_new <= 4.0 and dev_old <= 4.0
 
 
+def _zero_new_moments(rewarmup):
+    """New elements' Adam moments to zero, as SPARKLING's S' = [S, 0] leaves them (the test's
+    growth copies weights only: the moments are the wide run's own)."""
+    for inner, masks in rewarmup.hooks.opt_masks:
+        for p, mask in masks.values():
+            for kind in ("exp_avg", "exp_avg_sq"):
+                state = inner.state[p][kind]
+                state.zero_() if mask is None else state.masked_fill_(mask, 0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["fp32", "distributed", "bf16"])
+def test_per_element_bias_correction_gives_new_elements_fresh_adam_steps(corpus_prefix,
+                                                                         narrow_model, optimizer):
+    """New elements with zero moments: the first step after growth is a fresh Adam's first step,
+    lr g / (|g| + eps) (not ~ lr g / (|g| sqrt(1 - b2^t)): the global step's kick); the third,
+    inside the ramp, is AdamW at bias-correction step 3 with the new-element LR. Old elements
+    step as plain AdamW at the global step t."""
+    flags = dict(use_distributed_optimizer=optimizer == "distributed")
+    with grown_run(corpus_prefix, narrow_model, bf16=optimizer == "bf16", **flags) as (
+            trainer, record):
+        rewarmup = schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
+                                             record, config(bias_correction="per-element"))
+        assert rewarmup.state.growth_adam_step == T_E
+        _zero_new_moments(rewarmup)
+        of = masks_of(rewarmup)
+        seen, handles = capture_next_step(trainer.optimizer)
+        first = check_one_step(trainer, of, ramp_lrs(T_E), new_step=1)
+        for h in handles:
+            h.remove()
+        # the first update of every new element, against lr g / (|g| + eps) from the gradient
+        sign_dev, n_sign = 0.0, 0
+        for c in seen:
+            mask = of(c["param"])
+            if not mask.any():
+                continue
+            lr, wd = c["lr"], c["wd"]
+            update = (c["before"] * (1 - lr * wd) - c["param"].detach().double())[mask] / lr
+            fresh = c["grad"][mask] / (c["grad"][mask].abs() + c["eps"])
+            # fp32 rounding of the stored weight (a few ulp of |p|), in units of lr
+            ulp = 4 * 2.0 ** -23 * (c["before"][mask].abs() + lr) / lr
+            sign_dev = max(sign_dev, float(((update - fresh).abs() / ulp).max()))
+            n_sign += int(mask.sum())
+        trainer.train_step()
+        third = check_one_step(trainer, of, ramp_lrs(T_E + 2), new_step=3)
+    print(f"[{optimizer}] per-element bias correction: first step {first[0]:.2f} / {first[1]:.2f}"
+          f" ulp (new/old), lr*g/(|g|+eps) within {sign_dev:.2f} x 4 ulp of |p| on {n_sign} "
+          f"elements; third step {third[0]:.2f} / {third[1]:.2f} ulp")
+    assert first[3] == third[3] == n_sign == rewarmup.new_elements > 0
+    assert first[0] <= 4.0 and first[1] <= 4.0 and third[0] <= 4.0 and third[1] <= 4.0
+    assert sign_dev <= 1.0
+
+
+@pytest.mark.parametrize("scope", ["all", "none"])
+def test_per_element_bias_correction_with_any_rewarmup_scope(corpus_prefix, narrow_model, scope):
+    """Without scope "new" the hooks only count new elements' bias correction from growth: with
+    "all" every element has the re-warmed LR, with "none" the base one."""
+    with grown_run(corpus_prefix, narrow_model) as (trainer, record):
+        rewarmup = schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
+                                             record, config(scope, "per-element"))
+        _zero_new_moments(rewarmup)
+        lr = (new_lr if scope == "all" else base_lr)(T_E)
+        dev_new, dev_old, _, n_new = check_one_step(trainer, masks_of(rewarmup),
+                                                    lambda c: (lr, lr), new_step=1)
+        figures = schedule.lr_figures(trainer.scheduler)
+        assert figures == {} if scope == "none" else figures == pytest.approx(
+            {schedule.NEW_LR: new_lr(T_E + 1), schedule.OLD_LR: new_lr(T_E + 1)}, rel=1e-12)
+    assert n_new == rewarmup.new_elements > 0
+    assert dev_new <= 4.0 and dev_old <= 4.0
+
+
+def test_per_element_bias_correction_needs_adam(corpus_prefix, narrow_model):
+    with grown_run(corpus_prefix, narrow_model, optimizer="sgd") as (trainer, record):
+        with pytest.raises(schedule.RewarmupError, match="needs Adam"):
+            schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
+                                      record, config(bias_correction="per-element"))
+        # global (the default) leaves SGD alone
+        schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler, record,
+                                  config())
+
+
+def test_bias_correction_setting_comes_from_the_flag_then_the_checkpoint():
+    import argparse
+
+    parser = schedule.add_rewarmup_args(argparse.ArgumentParser())
+    flag = ["--sparkling-new-state-bias-correction", "per-element"]
+    for argv, stored, expected in (([], {}, "global"), (flag, {}, "per-element"),
+                                   ([], {"bias_correction": "per-element"}, "per-element"),
+                                   (flag[:1] + ["global"], {"bias_correction": "per-element"},
+                                    "global")):
+        args = parser.parse_args(argv)
+        args.global_batch_size = GBS
+        assert schedule.RewarmupConfig.from_args(args, stored).bias_correction == expected
+    with pytest.raises(schedule.RewarmupError, match="choose one of"):
+        schedule.RewarmupConfig(bias_correction="local")
+
+
 def test_scope_all_rewarms_every_element(corpus_prefix, narrow_model):
     with grown_run(corpus_prefix, narrow_model) as (trainer, record):
         rewarmup = schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
@@ -296,6 +392,36 @@ def test_resume_inside_the_ramp_continues_it_exactly(tmp_path, corpus_prefix, gr
         step = regrown.train_step()
     eta_e = base_lr(T_E + cut)
     assert step[schedule.NEW_LR] == pytest.approx(eta_e * (1 + (R - 1) / W), rel=1e-12)
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_per_element_resume_right_after_growth_is_bit_identical(tmp_path, corpus_prefix,
+                                                                grown_checkpoints, distributed):
+    """Per-element bias correction, saved 2 steps after growth and resumed (flags not repeated):
+    the same bits as a straight run; and not the bits of the global bias correction."""
+    _, grown, _ = grown_checkpoints[distributed]
+    flags = tiny_moe_flags(corpus_prefix, **WIDE, **RUN, use_distributed_optimizer=distributed)
+    flags += REWARMUP
+    per_element = ["--sparkling-new-state-bias-correction", "per-element"]
+    n, cut = 5, 2
+    with megatron_run(flags + per_element + ["--load", grown]) as straight:
+        assert straight.scheduler.rewarmup.state.growth_adam_step == T_E
+        reference = _train(straight, n)
+    with megatron_run(flags + ["--load", grown]) as global_run:
+        assert global_run.scheduler.rewarmup.state.bias_correction == "global"
+        global_losses = [r["lm loss"] for r in _train(global_run, n)]
+    with megatron_run(flags + per_element + ["--load", grown]) as first:
+        pieced = _train(first, cut)
+        first.save(str(tmp_path / "resume"))
+    with megatron_run(flags + ["--load", str(tmp_path / "resume")]) as second:
+        state = second.scheduler.rewarmup.state
+        assert (state.bias_correction, state.growth_adam_step) == ("per-element", T_E)
+        pieced += _train(second, n - cut)
+    losses = [r["lm loss"] for r in reference]
+    assert [r["lm loss"] for r in pieced] == losses
+    # the first loss is before any step: equal; every later one follows a different update
+    assert global_losses[0] == losses[0]
+    assert all(a != b for a, b in zip(global_losses[1:], losses[1:])), (global_losses, losses)
 
 
 def test_without_a_growth_record_training_is_unchanged(corpus_prefix, grown_checkpoints):

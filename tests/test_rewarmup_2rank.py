@@ -1,7 +1,9 @@
 """The re-warmup at 2 ranks under torchrun, with the distributed optimizer, one step checked on
 every local main-param shard, then saved inside the ramp and resumed:
 - ep2: EP=2 (experts split by EP), dense parameters DP-sharded over both ranks;
-- tp2: TP=2 with sequence parallelism (expert and dense weights split by TP, norms replicated)."""
+- tp2: TP=2 with sequence parallelism (expert and dense weights split by TP, norms replicated);
+- ep2-per-element: ep2 with per-element bias correction of new elements (dense + expert parts of
+  the ChainedOptimizer)."""
 import json
 import os
 
@@ -14,16 +16,19 @@ SCRIPT = os.path.join(REPO, "tests", "rewarmup_2rank.py")
 LAYOUTS = {
     "ep2": dict(expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall"),
     "tp2": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    "ep2-per-element": dict(expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall",
+                            sparkling_new_state_bias_correction="per-element"),
 }
 # Layer-0 fc2 (hidden x expert FFN) of each local expert: all new? Growth added experts 2 and 3
 # and expert-FFN columns 64..127. EP rank r holds global experts 2r, 2r+1; TP rank 1 holds the
 # second half of the FFN columns of every expert.
 EXPERTS_ALL_NEW = {"ep2": ([False, False], [True, True]),
                    "tp2": ([False, False, True, True], [True, True, True, True])}
+EXPERTS_ALL_NEW["ep2-per-element"] = EXPERTS_ALL_NEW["ep2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["ep2", "tp2"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_ranks_step_and_resume(tmp_path, corpus_prefix, layout):
     # 3 layers: at EP2 the DP-shard boundary then falls inside a parameter (with 2, between two)
     flags = tiny_moe_flags(corpus_prefix, **WIDE, **RUN, num_layers=3,
@@ -46,7 +51,7 @@ def test_two_ranks_step_and_resume(tmp_path, corpus_prefix, layout):
     assert ranks[0]["lm_loss"] == ranks[1]["lm_loss"]
     checked = [set(r["hidden_shards"][0]) for r in ranks]
     total = ranks[0]["new_elements"] + ranks[1]["new_elements"]
-    if layout == "ep2":
+    if layout.startswith("ep2"):
         # the DP shards of the hidden-pattern parameters were checked on both ranks, split ones too
         assert len(checked[0] | checked[1]) == 3 + 3 * 3 and checked[0] and checked[1]
         assert any(r["hidden_shards"][1] for r in ranks)
@@ -58,7 +63,11 @@ def test_two_ranks_step_and_resume(tmp_path, corpus_prefix, layout):
         assert checked[0] == checked[1] and len(checked[0]) == 3 + 3 * 3
         assert total == ranks[0]["global_new_elements"] + 3 * (2 * 32 + 192) + 32
     # saved inside the ramp and resumed: the re-warmup and the losses continue exactly
+    if layout.startswith("ep2"):   # dense and expert parts of the ChainedOptimizer, both masked
+        assert all(r["parts"] == r["masked_parts"] == 2 for r in ranks)
+    bias = LAYOUTS[layout].get("sparkling_new_state_bias_correction", "global")
     for r, again in zip(ranks, resumed):
+        assert again["bias_correction"] == bias
         assert again["growth_step"] == r["growth_step"] == T_E * GBS
         assert again["new_elements"] == r["new_elements"]
         assert again["step"][0] == r["after_save"][0] == T_E + 4

@@ -59,6 +59,7 @@ class ExpandRequest:
     expert_tensor_parallel: Optional[int] = None
     rewarmup_iters: Optional[int] = None
     rewarmup_peak_ratio: Optional[float] = None
+    new_state_bias_correction: Optional[str] = None    # core/record.py BIAS_CORRECTIONS
     keep_rng: bool = False
     drop_optimizer: bool = False
     overwrite: bool = False
@@ -391,6 +392,8 @@ class Conversion:
             record["rewarmup"] = {"iters": self.req.rewarmup_iters,
                                   "peak_ratio": self.req.rewarmup_peak_ratio,
                                   "start_iteration": common["iteration"]}
+            if self.req.new_state_bias_correction is not None:
+                record["rewarmup"]["bias_correction"] = self.req.new_state_bias_correction
         common[RECORD_KEY] = record
         return common
 
@@ -455,6 +458,8 @@ class Conversion:
             flags += ["--sparkling-rewarmup-iters", self.req.rewarmup_iters]
             if self.req.rewarmup_peak_ratio is not None:
                 flags += ["--sparkling-rewarmup-peak-ratio", self.req.rewarmup_peak_ratio]
+        if self.grown and self.req.new_state_bias_correction is not None:
+            flags += ["--sparkling-new-state-bias-correction", self.req.new_state_bias_correction]
         return [str(f) for f in flags]
 
 

@@ -3,7 +3,8 @@
 The converter (`megatron-sparkling expand`) writes
     common["sparkling"] = {"source": {path, format, iteration, optimizer_format},
                            "converted_at": ..., "growth": Grower.record(),
-                           "rewarmup": {"iters": W, "peak_ratio": R, "start_iteration": t_e}}
+                           "rewarmup": {"iters": W, "peak_ratio": R, "bias_correction": B,
+                                        "start_iteration": t_e}}
 ("growth" and "rewarmup" only when something grew). Older writers and in-memory callers may
 store Grower.record() itself; both are read here. `plan_of` turns a record back into its plan.
 """
@@ -15,6 +16,8 @@ from megatron_sparkling.core.plan import GrowthPlan
 from megatron_sparkling.core.spec import DepthOptions, GrowthSpec, ModelShape
 
 RECORD_KEY = "sparkling"
+REWARMUP_SETTINGS = ("iters", "peak_ratio", "bias_correction")   # what `expand` may store
+BIAS_CORRECTIONS = ("global", "per-element")   # new elements' Adam bias correction
 
 
 def growth_record(common: dict) -> Optional[dict]:
@@ -28,10 +31,10 @@ def growth_record(common: dict) -> Optional[dict]:
 
 
 def rewarmup_settings(common: dict) -> dict:
-    """The re-warmup the converter was asked for ({"iters", "peak_ratio"}; empty if none)."""
+    """The re-warmup the converter was asked for (REWARMUP_SETTINGS' keys; empty if none)."""
     entry = (common or {}).get(RECORD_KEY) or {}
     settings = entry.get("rewarmup") or {}
-    return {k: v for k, v in settings.items() if k in ("iters", "peak_ratio") and v is not None}
+    return {k: v for k, v in settings.items() if k in REWARMUP_SETTINGS and v is not None}
 
 
 class RecordError(ValueError):

@@ -18,6 +18,7 @@ import torch
 from megatron_sparkling.core import layout as layout_lib
 from megatron_sparkling.core.layout import Axis
 from megatron_sparkling.core.plan import GrowthPlan
+from megatron_sparkling.live import adam_bias
 from megatron_sparkling.live.state import fill_from_global
 from megatron_sparkling.mcore.model import unwrap
 
@@ -157,6 +158,20 @@ def optimizer_masks(optimizer, model_masks: dict) -> list:
     return out
 
 
+def adam_step_count(optimizer) -> int:
+    """The step count of Adam's bias correction in a megatron-core optimizer (every parameter
+    steps together; 0 before its first step)."""
+    for opt in _inner_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False) or opt.optimizer is None:
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            form = adam_bias.adam_form(inner, group)
+            for p in group["params"]:
+                return adam_bias.step_count(inner, group, p, form)
+    return 0
+
+
 def count_masked(opt_masks: list) -> tuple[int, int]:
     """(new elements, all elements) of the main params these masks cover on this rank."""
     new = total = 0
@@ -172,21 +187,30 @@ def count_masked(opt_masks: list) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------- the step hook
 class ScaledMaskedSteps:
-    """Scales what each step of the inner optimizers changes in masked elements by `ratio(group)`.
+    """Scales what each step of the inner optimizers changes in masked elements by `ratio(group)`,
+    and, with `new_step`, gives them Adam's bias correction counted from growth.
 
     It registers torch optimizer step hooks: before a step it keeps the masked elements, after it
     replaces each by `before + ratio * (after - before)`, with `ratio(group)` per param group.
     For AdamW, Adam with L2 decay, SGD with momentum, the change a step makes is
     `lr * f(state, grad, param)` with the optimizer state updated independently of lr, so this
     equals a step run with `ratio * lr` for those elements, update and weight-decay term alike.
+    `new_step(t)`: the bias-correction step k <= t of masked elements when the optimizer's is t
+    (None: the optimizer's own, t); where k < t, `after` is Adam's step at k (adam_bias.py),
+    recomputed from the moments the step produced, before the ratio is applied.
     """
 
-    def __init__(self, opt_masks: list, ratio: Callable[[dict], float]):
+    def __init__(self, opt_masks: list, ratio: Callable[[dict], float],
+                 new_step: Optional[Callable[[int], int]] = None):
         self.opt_masks = opt_masks
         self.ratio = ratio
+        self.new_step = new_step
         self._before: dict[int, list] = {}
         self._handles = []
         for inner, masks in opt_masks:
+            if new_step is not None:
+                for group in inner.param_groups:   # refuse a non-Adam optimizer before any step
+                    adam_bias.adam_form(inner, group)
             self._handles.append(inner.register_step_pre_hook(self._keep(masks)))
             self._handles.append(inner.register_step_post_hook(self._scale))
 
@@ -196,23 +220,40 @@ class ScaledMaskedSteps:
             kept = []
             for group in inner.param_groups:
                 r = self.ratio(group)
-                if r == 1.0:
+                if r == 1.0 and self.new_step is None:
                     continue
                 for p in group["params"]:
                     entry = masks.get(id(p))
                     if entry is not None:
                         mask = entry[1]
-                        kept.append((p, mask, r, p.detach().clone() if mask is None else p[mask]))
+                        before = p.detach().clone() if mask is None else p[mask]
+                        kept.append((p, mask, r, before, group))
             self._before[id(inner)] = kept
         return hook
 
     @torch.no_grad()
     def _scale(self, inner, args, kwargs):
-        for p, mask, r, before in self._before.pop(id(inner), []):
+        for p, mask, r, before, group in self._before.pop(id(inner), []):
+            after = p if mask is None else p[mask]
+            k = t = 0
+            if self.new_step is not None:
+                form = adam_bias.adam_form(inner, group)
+                t = adam_bias.step_count(inner, group, p, form)
+                k = self.new_step(t)
+                if k < t:
+                    state = inner.state[p]
+                    m, v = state["exp_avg"], state["exp_avg_sq"]
+                    if mask is not None:
+                        m, v = m[mask], v[mask]
+                    after = adam_bias.adam_step(before, m, v, group, k, form)
+            if r != 1.0:
+                after = torch.lerp(before, after, r)
+            if after is p or (mask is not None and r == 1.0 and k >= t):
+                continue   # the optimizer's own step stands
             if mask is None:
-                p.copy_(torch.lerp(before, p, r))
+                p.copy_(after)
             else:
-                p.masked_scatter_(mask, torch.lerp(before, p[mask], r))
+                p.masked_scatter_(mask, after)
 
     def remove(self) -> None:
         for h in self._handles:

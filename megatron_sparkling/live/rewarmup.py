@@ -7,6 +7,8 @@ ramp from the base LR eta_e to R * eta_e over W iterations, then the base decay 
 Scope "all" (the paper's weaker ablation) gives every element eta_new: the group LR itself is set.
 Scope "new" keeps the group LR on the base schedule and scales what each step changes in new
 elements by eta_new / eta (element_lr.py): exact for AdamW, update and weight-decay term alike.
+Bias correction "per-element" (any scope) gives new elements Adam's bias correction counted from
+growth (adam_bias.py) instead of the optimizer's global step ("global", the paper's).
 Persistence: `RewarmupState`. Entry points: `install_rewarmup` (a fresh growth),
 `rewarmup_after_load` (after a checkpoint load), `add_rewarmup_args` (flags), `lr_figures` (logs).
 """
@@ -20,8 +22,8 @@ import torch
 
 from megatron_sparkling.checkpoint.paths import checkpoint_dir_to_load
 from megatron_sparkling.core import record as record_lib
-from megatron_sparkling.core.record import growth_record, rewarmup_settings
-from megatron_sparkling.live import element_lr
+from megatron_sparkling.core.record import BIAS_CORRECTIONS, growth_record, rewarmup_settings
+from megatron_sparkling.live import adam_bias, element_lr
 from megatron_sparkling.log import print_rank_0
 
 STATE_KEY = "sparkling_rewarmup"     # re-warmup state inside opt_param_scheduler
@@ -51,6 +53,14 @@ def add_rewarmup_args(parser):
     g.add_argument("--sparkling-rewarmup-scope", default="new", choices=SCOPES,
                    help="new: only new elements re-warm (SPARKLING); all: every parameter "
                         "(ablation); none: no re-warmup.")
+    g.add_argument("--sparkling-new-state-bias-correction", default=None,
+                   choices=BIAS_CORRECTIONS,
+                   help="Adam's bias correction of new elements (their moments start at zero): "
+                        "global: the optimizer's step count (the paper's; late in training the "
+                        "first update is about (1-beta1)/sqrt(1-beta2) lr per element, 3.16 lr "
+                        "at 0.9/0.999); per-element: counted from growth, as a fresh Adam's "
+                        "(first update lr g/(|g|+eps)). Default: what `expand` was given, else "
+                        "global.")
     return parser
 
 
@@ -60,10 +70,14 @@ class RewarmupConfig:
     peak_ratio: float = 1.3
     scope: str = "new"
     samples_per_iteration: int = 1   # the scheduler counts samples: iterations x global batch
+    bias_correction: str = "global"
 
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise RewarmupError(f"--sparkling-rewarmup-scope {self.scope!r}: choose one of {SCOPES}")
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise RewarmupError(f"--sparkling-new-state-bias-correction {self.bias_correction!r}: "
+                                f"choose one of {BIAS_CORRECTIONS}")
         if self.warmup_iters < 0:
             raise RewarmupError(f"--sparkling-rewarmup-iters {self.warmup_iters}: must be >= 0")
         if not self.peak_ratio > 0:
@@ -84,7 +98,9 @@ class RewarmupConfig:
                    peak_ratio=float(pick("sparkling_rewarmup_peak_ratio", "peak_ratio",
                                          DEFAULT_PEAK_RATIO)),
                    scope=getattr(args, "sparkling_rewarmup_scope", None) or "new",
-                   samples_per_iteration=args.global_batch_size)
+                   samples_per_iteration=args.global_batch_size,
+                   bias_correction=pick("sparkling_new_state_bias_correction",
+                                        "bias_correction", "global"))
 
 
 # ---------------------------------------------------------------------------- LR formulas
@@ -161,9 +177,10 @@ class RewarmupState:
 
     The scheduler becomes a `RewarmupScheduler` whose state_dict (Megatron-LM stores it as
     `opt_param_scheduler` in the checkpoint's common state) carries this state under
-    `sparkling_rewarmup`: t_e, W, R, scope, the base schedule's parameters and the growth record
-    (the mask source). A run resumed inside the ramp continues it exactly. Without growth nothing
-    is installed: the scheduler stays megatron-core's and the optimizer has no hooks."""
+    `sparkling_rewarmup`: t_e, W, R, scope, the base schedule's parameters, the growth record
+    (the mask source), the bias correction and Adam's step count at growth. A run resumed inside
+    the ramp continues it exactly. Without growth nothing is installed: the scheduler stays
+    megatron-core's and the optimizer has no hooks."""
     growth_step: int          # t_e, in scheduler steps (samples)
     warmup_steps: int         # W, in scheduler steps
     warmup_iters: int         # W, in iterations
@@ -172,13 +189,16 @@ class RewarmupState:
     scope: str
     base: dict                # the base schedule's LR parameters at growth
     record: dict              # the growth record: the mask source
+    bias_correction: str = "global"
+    growth_adam_step: int = 0  # Adam's step count at growth: new elements count from there
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self) | {"version": 1}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "RewarmupState":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        # states saved before the bias correction existed lack its fields: their defaults
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 def _same_growth(a: dict, b: dict) -> bool:
@@ -207,11 +227,20 @@ class Rewarmup:
 
     def lr_new(self, group: dict) -> float:
         """Effective LR of this group's new elements at the scheduler's current step."""
+        if self.state.scope == "none":
+            return float(group["lr"])
         return self.schedule.lr(group, self.scheduler.num_steps)
 
     def ratio(self, group: dict) -> float:
+        """New elements' LR over the group's (1 but with scope "new": "all" sets the group's)."""
         lr = float(group["lr"])
-        return self.lr_new(group) / lr if lr > 0 else 1.0
+        return self.lr_new(group) / lr if lr > 0 and self.state.scope == "new" else 1.0
+
+    def new_step(self, step: int) -> int:
+        """Bias-correction step of new elements when Adam's is `step` (per-element: counted
+        from growth)."""
+        since = step - self.state.growth_adam_step
+        return since if 0 < since < step else step
 
     def remove(self) -> None:
         if self.hooks is not None:
@@ -330,19 +359,24 @@ def _activate(model, optimizer, scheduler, state: RewarmupState) -> Rewarmup:
     if existing is not None:
         existing.remove()
     probe = NewElementSchedule(state.base, state.growth_step, state.warmup_steps, state.peak_ratio)
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups if state.scope != "none" else []:
         if probe.lr_at_growth(group) <= 0:
             raise RewarmupError(
                 f"the learning rate at growth (scheduler step {state.growth_step}) is 0, so new "
                 "elements would never train; load the checkpoint's optimizer and scheduler state "
                 "(no --finetune / --no-load-optim), or pass --sparkling-rewarmup-scope none")
     rewarmup = Rewarmup(state, scheduler)
-    if state.scope == "new":
+    per_element = state.bias_correction == "per-element"
+    if state.scope == "new" or per_element:
         plan, swiglu = plan_of(state.record)
         opt_masks = element_lr.optimizer_masks(
             optimizer, element_lr.model_param_masks(model, plan, swiglu))
         rewarmup.new_elements, rewarmup.elements = element_lr.count_masked(opt_masks)
-        rewarmup.hooks = element_lr.ScaledMaskedSteps(opt_masks, rewarmup.ratio)
+        try:
+            rewarmup.hooks = element_lr.ScaledMaskedSteps(
+                opt_masks, rewarmup.ratio, rewarmup.new_step if per_element else None)
+        except adam_bias.AdamBiasError as e:
+            raise RewarmupError(str(e)) from None
     # In place, so that every holder of the scheduler (Megatron-LM's training loop, a load hook's
     # caller) keeps a valid reference; the subclass only adds behaviour, no fields of its own.
     scheduler.__class__ = rewarmup_scheduler_class()
@@ -358,9 +392,15 @@ def install_rewarmup(model, optimizer, scheduler, record: dict,
     `model`: the model chunks (DDP-wrapped or not); `optimizer`: megatron-core's optimizer
     (FP32, Float16, Distributed, Chained); `scheduler`: its OptimizerParamScheduler, upgraded in
     place to a RewarmupScheduler; `record`: Grower.record() of the growth. Returns None for scope
-    "none". Call after the optimizer and scheduler state are loaded."""
-    if config.scope == "none":
+    "none" with global bias correction. Call after the optimizer and scheduler state are
+    loaded."""
+    if config.scope == "none" and config.bias_correction == "global":
         return None
+    try:
+        adam_step = (element_lr.adam_step_count(optimizer)
+                     if config.bias_correction == "per-element" else 0)
+    except adam_bias.AdamBiasError as e:
+        raise RewarmupError(str(e)) from None
     base = {k: getattr(scheduler, k) for k in _BASE_FIELDS}
     state = RewarmupState(
         growth_step=int(scheduler.num_steps),
@@ -368,7 +408,8 @@ def install_rewarmup(model, optimizer, scheduler, record: dict,
         warmup_iters=int(config.warmup_iters),
         samples_per_iteration=int(config.samples_per_iteration),
         peak_ratio=float(config.peak_ratio),
-        scope=config.scope, base=base, record=record)
+        scope=config.scope, base=base, record=record, bias_correction=config.bias_correction,
+        growth_adam_step=adam_step)
     rewarmup = _activate(model, optimizer, scheduler, state)
     _announce(rewarmup, "growth at")
     return rewarmup
@@ -389,9 +430,12 @@ def _announce(rewarmup: Rewarmup, what: str) -> None:
     eta_e = rewarmup.schedule.lr_at_growth(group) if group is not None else float("nan")
     scope = ("all parameters" if s.scope == "all" else
              f"{rewarmup.new_elements} new of {rewarmup.elements} elements on rank 0")
-    print_rank_0(f"> SPARKLING re-warmup ({what} {where}): {scope}; LR {eta_e:.4E} -> "
-                  f"{s.peak_ratio * eta_e:.4E} over {s.warmup_iters} iterations, then "
-                  f"{s.base['lr_decay_style']} decay to {s.base['min_lr']:.4E}")
+    lrs = ("LR unchanged (--sparkling-rewarmup-scope none)" if s.scope == "none" else
+           f"LR {eta_e:.4E} -> {s.peak_ratio * eta_e:.4E} over {s.warmup_iters} iterations, then "
+           f"{s.base['lr_decay_style']} decay to {s.base['min_lr']:.4E}")
+    bias = ("" if s.bias_correction == "global" else
+            f"; new elements' Adam bias correction counted from step {s.growth_adam_step}")
+    print_rank_0(f"> SPARKLING re-warmup ({what} {where}): {scope}; {lrs}{bias}")
 
 
 def rewarmup_after_load(model, optimizer, scheduler, args) -> Optional[Rewarmup]:
@@ -414,7 +458,7 @@ def rewarmup_after_load(model, optimizer, scheduler, args) -> Optional[Rewarmup]
     # --no-load-optim, a release checkpoint, ...): then the step counts agree
     saved = stored.get(STATE_KEY) if stored.get("num_steps") == scheduler.num_steps else None
     config = RewarmupConfig.from_args(args, rewarmup_settings(common))
-    if config.scope == "none":
+    if config.scope == "none" and config.bias_correction == "global":
         if saved is not None or record is not None:
             print_rank_0("> SPARKLING re-warmup off (--sparkling-rewarmup-scope none)")
         return None
@@ -438,6 +482,6 @@ def lr_figures(scheduler) -> dict:
     """The effective LR of new and of old elements ({} without a re-warmup)."""
     rewarmup = getattr(scheduler, "rewarmup", None)
     group = _canonical_group(scheduler.optimizer.param_groups) if rewarmup is not None else None
-    if group is None:
+    if group is None or rewarmup.state.scope == "none":
         return {}
     return {NEW_LR: rewarmup.lr_new(group), OLD_LR: float(group["lr"])}
