@@ -308,6 +308,8 @@ def test_bad_inputs_fail_before_writing_with_one_line(source, tmp_path, capsys):
             match="has no latest_checkpointed_iteration.txt")
     refused("--load", src, "--save", dst, "--method", "no-such", "--hidden-size", 128,
             match="unknown growth method")
+    refused("--load", src, "--save", dst, "--method", "copy", "--hidden-size", 128,
+            "--new-state-bias-correction", "per-element", match="start with zero Adam moments")
 
     iter_dir = "iter_0000004"
     missing = _copy(src, tmp_path / "missing")

@@ -41,7 +41,7 @@ def grow(trainer, narrow_model):
     from megatron_sparkling.live.state import load_model_global_tensors
 
     tensors, source = narrow_model
-    grower = Grower(GrowthSpec(source, ModelShape.from_args(trainer.args), "copy", seed=3),
+    grower = Grower(GrowthSpec(source, ModelShape.from_args(trainer.args), "sparkling", seed=3),
                     GrowthMethod())
 
     def copied(key, tensor):
@@ -288,6 +288,20 @@ def test_per_element_bias_correction_needs_adam(corpus_prefix, narrow_model):
         # global (the default) leaves SGD alone
         schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler, record,
                                   config())
+
+
+@pytest.mark.parametrize("copied", [{"method": "copy"}, {"method": "staged"},
+                                    {"depth": {"new_state": "copy"}}])
+def test_per_element_bias_correction_is_refused_for_copied_state(corpus_prefix, narrow_model,
+                                                                 copied):
+    """New elements that start from copied moments (copy, copy-opt, hypercloning, staged, depth
+    copies) have no fresh Adam to count from: one-line refusal, nothing installed."""
+    with grown_run(corpus_prefix, narrow_model) as (trainer, record):
+        record = {**record, **copied}
+        with pytest.raises(schedule.RewarmupError, match="start with zero Adam moments"):
+            schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
+                                      record, config(bias_correction="per-element"))
+        assert not hasattr(trainer.scheduler, "rewarmup")
 
 
 def test_bias_correction_setting_comes_from_the_flag_then_the_checkpoint():

@@ -38,7 +38,7 @@ from megatron_sparkling.core.spec import (
     ParallelLayout,
     validate,
 )
-from megatron_sparkling.methods.base import get_method
+from megatron_sparkling.methods.base import copied_new_state, get_method
 from megatron_sparkling.operators import depth as depth_lib
 
 
@@ -112,6 +112,12 @@ class Conversion:
         self.deeper = layout_lib.Axis.LAYER in self.spec.grown_axes()
         if self.grown:   # the Grower validates the growth (spec, target layout, method)
             self.grower = self._grower()
+            copied = (req.new_state_bias_correction == "per-element"
+                      and copied_new_state(req.method, self.spec.depth.new_state))
+            if copied:
+                raise GrowthSpecError(f"--new-state-bias-correction per-element is for new "
+                                      f"elements that start with zero Adam moments, but "
+                                      f"{copied}; leave it out (global)")
         else:            # a format conversion: the target layout is still checked
             validate(self.spec, self.parallel)
             self.grower = None

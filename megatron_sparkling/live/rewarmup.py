@@ -25,6 +25,7 @@ from megatron_sparkling.core import record as record_lib
 from megatron_sparkling.core.record import BIAS_CORRECTIONS, growth_record, rewarmup_settings
 from megatron_sparkling.live import adam_bias, element_lr
 from megatron_sparkling.log import print_rank_0
+from megatron_sparkling.methods.base import copied_new_state
 
 STATE_KEY = "sparkling_rewarmup"     # re-warmup state inside opt_param_scheduler
 SCOPES = ("new", "all", "none")
@@ -385,6 +386,15 @@ def _activate(model, optimizer, scheduler, state: RewarmupState) -> Rewarmup:
     return rewarmup
 
 
+def _refuse_copied_state(record: dict) -> None:
+    copied = copied_new_state(record.get("method", "sparkling"),
+                              record.get("depth", {}).get("new_state", "reset"))
+    if copied:
+        raise RewarmupError(f"--sparkling-new-state-bias-correction per-element is for new "
+                            f"elements that start with zero Adam moments, but {copied}; use "
+                            f"global (the default) with it")
+
+
 def install_rewarmup(model, optimizer, scheduler, record: dict,
                      config: RewarmupConfig) -> Optional[Rewarmup]:
     """Start the re-warmup of a growth that happened now (t_e = the scheduler's current step).
@@ -396,6 +406,8 @@ def install_rewarmup(model, optimizer, scheduler, record: dict,
     loaded."""
     if config.scope == "none" and config.bias_correction == "global":
         return None
+    if config.bias_correction == "per-element":
+        _refuse_copied_state(record)
     try:
         adam_step = (element_lr.adam_step_count(optimizer)
                      if config.bias_correction == "per-element" else 0)

@@ -66,6 +66,16 @@ def get_method(name: str, **options) -> GrowthMethod:
     return cls(**options)
 
 
+def copied_new_state(method: str, depth_new_state: str = "reset") -> Optional[str]:
+    """Why new elements of this growth start from copied optimizer moments (None: from zero),
+    which per-element bias correction (counted from a fresh Adam) cannot apply to."""
+    if getattr(REGISTRY.get(method), "state_rule", "reset_new") in ("copy", "staged"):
+        return f"--method {method} copies optimizer state into new elements"
+    if depth_new_state == "copy":
+        return "--depth-new-state copy gives new layers their source layer's state"
+    return None
+
+
 def parse_method_options(items, flag: str = "--method-option") -> dict:
     """{name: value} of NAME=VALUE items (numbers and true/false cast); ValueError naming
     `flag` for an item without '='."""
