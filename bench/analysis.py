@@ -370,10 +370,17 @@ def report(results: dict, reference: str = "sparkling") -> str:
     return "\n".join(lines)
 
 
+def run_line(results: dict) -> str:
+    """The command and its measured duration, as the README quotes them."""
+    minutes, seconds = divmod(int(round(results["seconds"])), 60)
+    return (f"    {results['command']}    # {minutes} min {seconds:02d} s, "
+            f"{results['jobs']} process(es) x {results['threads']} thread(s)")
+
+
 # ---------------------------------------------------------------------- README blocks
 # <!-- generated: RENDERER FILE.json --> ... <!-- end generated -->: the text between is
 # RENDERERS[RENDERER](json of FILE) exactly (FILE relative to the README's folder).
-RENDERERS = {"progressive-summary": summary_table}
+RENDERERS = {"progressive-summary": summary_table, "progressive-run": run_line}
 BLOCK = re.compile(r"<!-- generated: (\S+) (\S+) -->\n(.*?)<!-- end generated -->", re.S)
 
 

@@ -192,8 +192,14 @@ def _sha256_file(path: str) -> str:
 
 
 def code_fingerprint() -> str:
-    """Hash of the package's Python sources (what trains the cached runs)."""
+    """Hash of what trains the cached runs: the package's Python sources and this file's
+    functions on their path (not the variant table, so adding a variant keeps the cache)."""
+    import inspect
+
     h = hashlib.sha256()
+    for part in (base_flags, deterministic_process, Bench.__init__, Bench._trainer, Bench._curve,
+                 Bench._train, Bench._validate, Bench.wide_args, Bench.scratch, Bench.narrow):
+        h.update(inspect.getsource(part).encode())
     root = os.path.join(REPO, "megatron_sparkling")
     for folder, dirs, files in sorted(os.walk(root)):
         dirs.sort()

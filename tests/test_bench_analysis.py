@@ -110,7 +110,8 @@ def _fake_results(finals: dict, seeds=("1", "2", "3")) -> dict:
                                                      "grown": grown}}}
     return {"mode": "quick", "command": "python bench/progressive.py --quick --seeds 3",
             "grow_iteration": 160, "train_iters": 320, "grow_at": 0.5, "config": {"extend": 0.25},
-            "settings": ["hidden-2x"], "seeds": per_seed}
+            "settings": ["hidden-2x"], "seeds": per_seed, "seconds": 1390.4, "jobs": 2,
+            "threads": 1}
 
 
 FINALS = {"scratch": [2.0, 2.02, 1.98], "sparkling": [1.95, 1.96, 1.94],
@@ -147,6 +148,9 @@ def test_readme_blocks_render_check_and_rerender(tmp_path):
     table = analysis.render_block("progressive-summary", "docs/r.json", str(tmp_path))
     assert "| hidden-2x | 3 | 2.0000 ± 0.0200 | 1.9500 ± 0.0100 |" in table
     assert "random 1.9567 ± 0.0153 (within noise)" in table
+    assert analysis.render_block("progressive-run", "docs/r.json", str(tmp_path)) == (
+        "    python bench/progressive.py --quick --seeds 3    # 23 min 10 s, 2 process(es) x 1 "
+        "thread(s)\n")
     good = ("# x\n\n## Results\n\n<!-- generated: progressive-summary docs/r.json -->\n"
             + table + "<!-- end generated -->\n\n## Layout\n| not | results |\n")
     assert analysis.check_blocks(good, str(tmp_path)) == []
