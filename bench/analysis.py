@@ -301,6 +301,16 @@ def beyond_noise_lines(rows_by_seed: dict, metric: str = "final loss") -> list[s
     return lines
 
 
+def identical_runs(runs: dict) -> list[tuple]:
+    """Pairs of differently named runs of one seed and setting whose curves are identical after
+    growth: two variants that are one and the same run (or one run written twice)."""
+    names = list(runs)
+    tails = {n: [(p["flops"], p["loss"]) for p in runs[n]["curve"] if p.get("after_growth")
+                 or p.get("extended") or p["flops"] > runs[n].get("growth_flops", 0)]
+             for n in names}
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if tails[a] == tails[b]]
+
+
 # ---------------------------------------------------------------------- results files
 def setting_rows(results: dict, setting: str) -> dict:
     """{seed: summarize() rows} of one setting of a progressive.py results.json."""
@@ -359,6 +369,11 @@ def report(results: dict, reference: str = "sparkling") -> str:
         agg = aggregate(rows)
         ref = reference if reference in agg else next(r for r in agg if r != "scratch")
         lines += [f"## {setting}", "", seeds_table(agg, comparisons(rows, ref), ref), ""]
+        for seed, per_seed in results["seeds"].items():
+            for a, b in identical_runs(per_seed["settings"][setting]["grown"]):
+                lines += [f"Note: {a} and {b} have identical curves after growth (seed "
+                          f"{seed}): the two grow the same model here (copy and hypercloning "
+                          f"at 2x do), or one run was written under two names.", ""]
         beyond = beyond_noise_lines(rows)
         lines += ["Final-loss gaps beyond noise: " + ("; ".join(beyond) if beyond else
                   "none" if len(seeds) > 1 else "not judged (one seed)") + ".", ""]

@@ -750,8 +750,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=None,
                    help="folder of reusable narrow and scratch runs (default: <out>/cache)")
     p.add_argument("--publish", default=None, metavar="PREFIX",
-                   help="also write PREFIX.{json,md,png} (default for a mode's standard run, "
-                        "no overrides: docs/results/progressive_<mode>; 'none': never)")
+                   help="also write PREFIX.{json,md,png} (PREFIX_grow<G>.* with --sweep; default "
+                        "for a mode's standard run, no overrides: docs/results/progressive_<mode>;"
+                        " 'none': never)")
     p.add_argument("--estimate", action="store_true",
                    help="time a few steps of each model and print the run's expected duration")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # a task's JSON
@@ -807,7 +808,7 @@ def main(argv=None) -> int:
             estimate(cfg, a, grow_at, variants, out)
             continue
         run(cfg, a, mode, grow_at, out, variants, command,
-            publish if len(grow_points) == 1 else None)
+            publish if len(grow_points) == 1 or not publish else f"{publish}_grow{grow_at:g}")
     return 0
 
 

@@ -177,3 +177,12 @@ def test_readme_generated_blocks_match_their_result_files():
                    "result files; remove this mark once they are generated blocks")
 def test_every_readme_results_table_is_generated():
     assert analysis.tables_outside_blocks(_readme()) == []
+
+
+def test_identical_curves_under_two_names_are_flagged():
+    # the issue 17 coincidence: two variants with the same curve after growth
+    results = _fake_results(dict(FINALS, **{"copy-opt": FINALS["random"]}))
+    grown = results["seeds"]["1"]["settings"]["hidden-2x"]["grown"]
+    assert analysis.identical_runs(grown) == [("random", "copy-opt")]
+    assert "random and copy-opt have identical curves after growth" in analysis.report(results)
+    assert "identical curves" not in analysis.report(_fake_results(FINALS))
