@@ -94,14 +94,14 @@ QUICK = dict(
 # part; 16 left sparkling 0.6% above scratch's final loss).
 MEDIUM = dict(
     num_layers=4, hidden_size=96, num_attention_heads=4, kv_channels=24, num_experts=4,
-    moe_ffn_hidden_size=96, moe_router_topk=2, seq_length=128, micro_batch_size=8,
-    global_batch_size=8, train_iters=960, lr=1.5e-3, min_lr=1.5e-4, lr_warmup_iters=48,
-    eval_interval=32, eval_iters=8, rewarmup_iters=144, rewarmup_peak_ratio=1.3, msg_ramp=48,
+    moe_ffn_hidden_size=96, moe_router_topk=2, seq_length=64, micro_batch_size=8,
+    global_batch_size=8, train_iters=800, lr=1.5e-3, min_lr=1.5e-4, lr_warmup_iters=40,
+    eval_interval=32, eval_iters=4, rewarmup_iters=120, rewarmup_peak_ratio=1.3, msg_ramp=40,
     twin_after=100, extend=0.25)
-# Medium: 2x the layers, 1.5x the width, 2x the sequence and 3x the iterations of quick (the
-# re-warmup and MSG ramp scaled with the wide part), so the schedule's second half is less cold
-# for the wide model; sized to run its default variants for 2 seeds in under an hour on 2 cores
-# (see --estimate).
+# Medium: 2x the layers, 1.5x the width and 2.5x the iterations of quick (the re-warmup, 30% of
+# the wide part, and the MSG ramp scaled alike), so the schedule's second half is less cold for
+# the wide model; sized for its default variants, 2 seeds, in under an hour on 2 cores
+# (--estimate).
 FULL = dict(
     num_layers=8, hidden_size=512, num_attention_heads=8, kv_channels=64, num_experts=16,
     moe_ffn_hidden_size=512, moe_router_topk=2, seq_length=512, micro_batch_size=8,
@@ -557,31 +557,33 @@ def plot(results: dict, path: str) -> str:
 def estimate(cfg, a, grow_at, variants, out) -> dict:
     """Time a few training steps and one evaluation of each model in one process (same
     thread count as the runs), and from them the whole run: list scheduling of the tasks over
-    --jobs processes. Upper bound: every grown run uses the whole extension."""
+    --jobs processes. Upper bound: every grown run uses the whole extension. The projection uses
+    the process's CPU time (what an otherwise idle machine would take as wall time with one
+    thread per process), so a busy machine does not inflate it; wall times are printed too."""
     import torch
 
     deterministic_process(a.threads)
     from megatron_sparkling.training.initialize import shutdown
 
-    t0 = time.time()
+    clock = time.process_time   # CPU seconds of this process (1 thread: wall time when idle)
     bench = Bench(cfg, a.data_path, out, grow_at)
-    startup = time.time() - t0
+    startup = clock()   # since this process started: imports and set-up, as in a worker
     steps = 6
     timing = {}
     try:
         for name in ["narrow"] + a.settings:
             args = copy.copy(bench.narrow_args if name == "narrow" else bench.wide_args(name))
-            t = time.time()
+            t = clock()
             trainer = bench._trainer(args)
-            build = time.time() - t
+            build = clock() - t
             trainer.train_step()   # first step: allocation
-            t = time.time()
+            t, wall = clock(), time.time()
             for _ in range(steps):
                 trainer.train_step()
-            step = (time.time() - t) / steps
-            t = time.time()
+            step, wall = (clock() - t) / steps, (time.time() - wall) / steps
+            t = clock()
             trainer.evaluate()
-            timing[name] = {"build": build, "step": step, "eval": time.time() - t}
+            timing[name] = {"build": build, "step": step, "eval": clock() - t, "wall_step": wall}
             del trainer
     finally:
         shutdown()
@@ -617,8 +619,8 @@ def estimate(cfg, a, grow_at, variants, out) -> dict:
           f"{os.getloadavg()[0]:.1f}): {low / 60:.1f} - {high / 60:.1f} min (no / full "
           f"extension for every grown run)")
     for name, t in timing.items():
-        print(f"  {name}: {t['step'] * 1000:.0f} ms/step, {t['eval'] * 1000:.0f} ms/eval, "
-              f"{t['build']:.1f} s to build")
+        print(f"  {name}: {t['step'] * 1000:.0f} ms/step ({t['wall_step'] * 1000:.0f} ms wall), "
+              f"{t['eval'] * 1000:.0f} ms/eval, {t['build']:.1f} s to build (CPU time)")
     return result
 
 
