@@ -216,15 +216,25 @@ def data_fingerprint(data_path: str) -> str:
     return "-".join(_sha256_file(data_path + ext)[:16] for ext in (".bin", ".idx"))
 
 
-def cache_key(kind: str, argv: list, **inputs) -> str:
-    """The key of a cached run: everything its figures depend on (flags, seed and sizes in
-    `argv`; growth iteration, setting, thread count, code, data and library versions in
-    `inputs`)."""
+def machine() -> dict:
+    """Library versions and the CPU's vector kernels: other kernels round differently, so a
+    run on another machine may differ in the last digits (and then grow apart)."""
+    import platform
+
     import megatron.core
     import torch
 
-    blob = json.dumps({"kind": kind, "argv": list(argv), "torch": torch.__version__,
-                       "megatron_core": megatron.core.__version__, **inputs}, sort_keys=True)
+    return {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def cache_key(kind: str, argv: list, **inputs) -> str:
+    """The key of a cached run: everything its figures depend on (flags, seed and sizes in
+    `argv`; growth iteration, setting, thread count, code and data in `inputs`; library
+    versions and CPU kernels from machine())."""
+    blob = json.dumps({"kind": kind, "argv": list(argv), **machine(), **inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -856,11 +866,7 @@ def run(cfg, a, mode, grow_at, out, variants, command, publish=None) -> dict:
                 per_seed["settings"][setting] = json.load(f)
         results["seeds"][str(seed)] = per_seed
     results["seconds"] = time.time() - t0
-    import megatron.core
-    import torch
-
-    results["versions"] = {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
-                           "python": sys.version.split()[0]}
+    results["versions"] = machine()
     _write_json(os.path.join(out, "results.json"), results)
     text = analysis.report(results) + f"\n![validation loss against FLOPs](progressive.png)\n"
     with open(os.path.join(out, "results.md"), "w") as f:
