@@ -368,7 +368,9 @@ def report(results: dict, reference: str = "sparkling") -> str:
         rows = setting_rows(results, setting)
         agg = aggregate(rows)
         ref = reference if reference in agg else next(r for r in agg if r != "scratch")
-        lines += [f"## {setting}", "", seeds_table(agg, comparisons(rows, ref), ref), ""]
+        paper = results.get("paper_saving", {}).get(setting)
+        lines += [f"## {setting}" + (f" (paper: {paper:.0%} saved)" if paper else ""), "",
+                  seeds_table(agg, comparisons(rows, ref), ref), ""]
         for seed, per_seed in results["seeds"].items():
             for a, b in identical_runs(per_seed["settings"][setting]["grown"]):
                 lines += [f"Note: {a} and {b} have identical curves after growth (seed "

@@ -1,6 +1,6 @@
 """Width-progressive MoE pre-training against training from scratch, measured in FLOPs.
 
-    python bench/progressive.py --quick --seeds 3   # CPU, 2 cores; writes docs/results/progressive_quick.*
+    python bench/progressive.py --quick --seeds 3   # CPU, 2 cores: docs/results/progressive_quick.*
     python bench/progressive.py --medium --seeds 2  # CPU, 2 cores, deeper/wider and longer
     python bench/progressive.py --full --sweep      # a GPU: bigger models, growth-time sweep
     python bench/progressive.py --quick --estimate  # time a few steps of each model: run time
@@ -78,8 +78,8 @@ DEFAULT_VARIANTS = [m for m in VARIANTS if m != "sparkling-random"]
 REWARMUP_SCOPES = ("new", "all", "none")
 # what a sweep may change (growth point: --grow-at)
 OVERRIDES = {"train_iters": int, "extend": float, "lr": float, "min_lr": float,
-             "lr_warmup_iters": int, "eval_iters": int, "eval_interval": int, "rewarmup_iters": int, "rewarmup_peak_ratio": float,
-             "msg_ramp": int}
+             "lr_warmup_iters": int, "eval_iters": int, "eval_interval": int,
+             "rewarmup_iters": int, "rewarmup_peak_ratio": float, "msg_ramp": int}
 PAPER_SAVING = {"expert-ffn-2x": 0.20, "hidden-2x": 0.25, "both-2x": 0.35}
 FIRST_SEED = 1234
 
@@ -854,7 +854,7 @@ def run(cfg, a, mode, grow_at, out, variants, command, publish=None) -> dict:
                "train_iters": cfg["train_iters"], "config": cfg,
                "variants": specs, "settings": list(a.settings),
                "determinism": DETERMINISM.format(threads=a.threads),
-               "threads": a.threads, "jobs": a.jobs, "seeds": {}}
+               "threads": a.threads, "jobs": a.jobs, "paper_saving": PAPER_SAVING, "seeds": {}}
     for seed in seeds:
         ndir = narrow_dir(dict(base, seed=seed))
         with open(os.path.join(ndir, "narrow.json")) as f:
