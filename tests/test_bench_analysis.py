@@ -147,7 +147,8 @@ def test_readme_blocks_render_check_and_rerender(tmp_path):
         json.dump(_fake_results(FINALS), f)
     table = analysis.render_block("progressive-summary", "docs/r.json", str(tmp_path))
     assert "| hidden-2x | 3 | 2.0000 ± 0.0200 | 1.9500 ± 0.0100 |" in table
-    assert "random 1.9567 ± 0.0153 (within noise)" in table
+    # random - sparkling: 0.01, -0.02, 0.03 (see above): within noise
+    assert "random 1.9567 ± 0.0153, random − sparkling +0.0067 (within noise)" in table
     assert analysis.render_block("progressive-run", "docs/r.json", str(tmp_path)) == (
         "    python bench/progressive.py --quick --seeds 3    # 23 min 10 s, 2 process(es) x 1 "
         "thread(s)\n")
