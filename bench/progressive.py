@@ -71,6 +71,9 @@ VARIANTS = {
     "drop-opt": Variant("drop-opt"),
     "copy-opt": Variant("copy-opt"),
     "sparkling-rewarm-all": Variant("sparkling", rewarmup="all"),
+    # new elements' Adam bias correction counted from growth (issue 13's candidate improvement)
+    "sparkling-per-element": Variant(
+        "sparkling", args={"sparkling_new_state_bias_correction": "per-element"}),
     # not run by default: RMS-consistent random new units
     "sparkling-random": Variant("sparkling", {"new_units": "random"}),
 }
@@ -342,7 +345,7 @@ class Bench:
 
     def grown(self, setting: str, name: str, target: float = None,
               variant: Variant = None) -> dict:
-        from megatron_sparkling.live import rewarmup as schedule
+        from megatron_sparkling.live import lr_restart, rewarmup as schedule
         from megatron_sparkling.diagnostics import twin_similarity
         from megatron_sparkling.live.mask_ramp import MaskRamp
         from megatron_sparkling.methods import Grower
@@ -353,6 +356,8 @@ class Bench:
         method, options = variant.method, dict(variant.options)
         if method == "msg":
             options.setdefault("ramp_steps", self.cfg["msg_ramp"])
+        if method == "staged":   # staged training's LR restart (Shen et al.), W = the re-warmup's
+            options.setdefault("restart_warmup_iters", self.cfg["rewarmup_iters"])
         narrow_args = copy.copy(self.narrow_args)
         narrow_args.load = self.narrow_ckpt
         trainer = self._trainer(narrow_args)
@@ -369,6 +374,7 @@ class Bench:
                                      scope=variant.rewarmup)
         schedule.install_rewarmup(trainer.model, trainer.optimizer, trainer.scheduler,
                                   grower.record(), config)
+        lr_restart.install_lr_restart(trainer.scheduler, grower.record(), wide.global_batch_size)
         if method == "msg":
             MaskRamp(grower.plan, trainer.iteration, options["ramp_steps"]).install(
                 trainer.model, lambda: trainer.iteration)
