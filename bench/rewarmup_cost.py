@@ -4,7 +4,10 @@
 
 One real megatron-core MoE run (distributed optimizer, fp32, CPU) of the size of a grown model
 (hidden 512, 4 layers, 8 experts of FFN 1024: its growth record says it was grown 2x from half
-the hidden size, half the expert FFN and half the experts, so most elements are new and masked).
+the hidden size, half the expert FFN and half the experts, so 84% of the elements are new and
+masked: the most the masks ever cover). A step is 4 micro-batches of 4 x 256 tokens (16K tokens
+for 55M parameters: fewer tokens per parameter than a real run's step, e.g. 4M tokens for 7B,
+so the hooks' share here is an upper bound; they run once per optimizer step).
 After warm-up steps the re-warmup is installed as growth on load installs it (scope `new`: the
 step hooks keep the masked elements before each optimizer step and scale their change after).
 Then, in the same process, blocks of steps alternate with the hooks on and off (removed and
@@ -29,7 +32,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 MODEL = dict(num_layers=4, hidden_size=512, num_attention_heads=8, num_experts=8,
              moe_ffn_hidden_size=1024, seq_length=256, max_position_embeddings=256,
-             micro_batch_size=4, global_batch_size=4, use_distributed_optimizer=True,
+             micro_batch_size=4, global_batch_size=16, use_distributed_optimizer=True,
              train_iters=1000, lr_warmup_iters=1)
 GROWN_FROM = dict(hidden_size=256, moe_ffn_hidden_size=512, num_experts=4, ffn_hidden_size=None)
 
@@ -108,7 +111,7 @@ def main(rounds: int, block: int, out: str) -> None:
                 "steps": steps, "command": "python bench/rewarmup_cost.py"}
     print(f"model: {MODEL['num_layers']} layers, hidden {MODEL['hidden_size']}, "
           f"{MODEL['num_experts']} experts of FFN {MODEL['moe_ffn_hidden_size']}, "
-          f"{MODEL['micro_batch_size']}x{MODEL['seq_length']} tokens a step; "
+          f"{MODEL['global_batch_size']}x{MODEL['seq_length']} tokens a step; "
           f"{result['new_elements']} of {result['elements']} elements new (masked)")
     print(f"median step {on:.3f} s with the re-warmup hooks, {off:.3f} s without "
           f"({rounds} rounds of {block} steps each, alternated)")
