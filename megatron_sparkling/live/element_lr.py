@@ -212,7 +212,7 @@ class ScaledMaskedSteps:
             if mask is None:
                 torch.lerp(before, p, r, out=p)
             else:   # the masked elements lerped, the others as stepped (bit for bit)
-                torch.where(mask, torch.lerp(before, p, r), p, out=p)
+                torch.where(mask, torch.lerp(before, p, r, out=before), p, out=p)
 
     def remove(self) -> None:
         for h in self._handles:
