@@ -1,26 +1,32 @@
-"""Benchmark: the converter's peak memory and speed on two model sizes 4x apart.
+"""Benchmark: the converter's speed against a plain copy, across ranks, and its peak memory.
 
-    python bench/convert.py                     build two checkpoints, convert each, print figures
-    python bench/convert.py --measure SRC DST   convert one in this process, print JSON figures
-    python bench/convert.py --checks-only       only the integrity checks' cost (with / without)
+    python bench/convert.py [--out docs/results/convert.json]   everything below, one run
+    python bench/convert.py --measure SRC DST [--sizes JSON]     one conversion in this process
+                                                                 (or in each rank under torchrun)
+    python bench/convert.py --checks-only --out docs/results/integrity_cost.json
 
-Each conversion is measured in its own process: after the checkpoint is opened and everything is
-validated (source layouts rebuilt, target shapes known), the RSS high-water mark is reset
-(/proc/self/clear_refs) and the streaming write runs; the figure is the high-water mark above
-the RSS at that point. The checkpoints are dp_reshardable (Megatron's default), converted to
-fully_reshardable with no size change (every tensor is read, mapped and written), and grown 2x
-in expert FFN size with sparkling. Throughput is bytes read + written per second, beside that of
-a plain file copy of the same checkpoint on the same disk (copied and fsynced like the
-converter's output). The integrity checks (checkpoint/integrity.py: every value read checked,
-main params compared with the weights, the manifest of checksums written with the source's
-checksums) are timed against the same conversion without them (`--no-checks`): the ratio row.
+Three checkpoints (dp_reshardable: Megatron's default optimizer format), `small`, `large` (4x the
+parameters: the peak-memory comparison) and `xl` (>= 2 GiB, larger than the page cache flatters),
+each converted to fully_reshardable with no size change (`format`: every tensor read, mapped,
+checked and written) and grown 2x in expert FFN size with sparkling (`grow 2x`).
+
+Speed is bytes read + written per second of the streaming write (after the source is opened and
+everything validated, the same in every rank), beside a plain copy of the same checkpoint folder
+on the same disk, fsynced like the converter's output. Every conversion starts COLD: the source's
+pages are evicted from the page cache first (posix_fadvise DONTNEED on each file: per file, no
+root needed, other processes' cache untouched); the copy is timed cold the same way and warm
+(source read once just before), and the ratio is to the cold copy. The `xl` conversions also run
+under torchrun at 1 and 2 ranks (gloo; work split by writer.split_among_ranks): the speed-up of
+2 ranks over 1. Peak RSS per rank: the RSS high-water mark (reset via /proc/self/clear_refs once
+the source is open) above the RSS at that point. The integrity checks (checkpoint/integrity.py)
+are timed against the same conversion without them (`--no-checks`), alternated 3 times.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 import time
 
@@ -28,10 +34,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-SIZES = {  # 4x apart in parameters (experts dominate): 4x the layers
+SIZES = {  # small -> large: 4x the parameters (experts dominate: 4x the layers); xl >= 2 GiB
     "small": dict(num_layers=2, hidden_size=256, moe_ffn_hidden_size=1024, num_experts=8),
     "large": dict(num_layers=8, hidden_size=256, moe_ffn_hidden_size=1024, num_experts=8),
+    "xl": dict(num_layers=24, hidden_size=256, moe_ffn_hidden_size=1024, num_experts=8),
 }
+MIB = 2 ** 20
 
 
 def _vm(field: str) -> int:
@@ -41,48 +49,92 @@ def _vm(field: str) -> int:
     raise KeyError(field)
 
 
+def _files(root: str):
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
 def dir_bytes(root: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    return sum(os.path.getsize(p) for p in _files(root))
+
+
+def evict(root: str) -> None:
+    """Drop `root`'s files from the page cache (clean pages; fsynced first to be sure)."""
+    for path in _files(root):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(root: str) -> None:
+    for path in _files(root):
+        with open(path, "rb") as f:
+            while f.read(16 << 20):
+                pass
 
 
 def file_copy_seconds(src: str, dst: str) -> float:
     """A plain copy of the checkpoint folder, fsynced (the converter fsyncs its output too)."""
     start = time.time()
     shutil.copytree(src, dst)
-    for d, _, files in os.walk(dst):
-        for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+    for path in _files(dst):
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     return time.time() - start
 
 
 def measure(load: str, save: str, sizes: dict = None, checks: bool = True) -> dict:
-    from megatron_sparkling.checkpoint import expand as convert
-    from megatron_sparkling.checkpoint import integrity
-    from megatron_sparkling.checkpoint.commit import StagedIteration
-    from megatron_sparkling.checkpoint.writer import work_items, write_torch_dist
+    """One conversion in this process; under torchrun (WORLD_SIZE set) every rank calls it
+    and the ranks split the work as `expand` does. Returns this rank's figures."""
+    import torch.distributed as dist
 
+    from megatron_sparkling.checkpoint import expand as convert
+    from megatron_sparkling.checkpoint.commit import StagedIteration
+    from megatron_sparkling.checkpoint.writer import split_among_ranks, work_items
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    opened = time.time()
     req = convert.ExpandRequest(load=load, save=save, sizes=sizes or {}, progress=False,
                                 checks=checks)
     conv = convert.Conversion(req)
-    specs = conv.specs.values()
     pieces = work_items(conv.specs, conv.layered())
+    mine = split_among_ranks(pieces, world)[rank]
+    open_s = time.time() - opened
+    if dist.is_initialized():
+        dist.barrier()
     open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark
     base = _vm("VmRSS:")
     start = time.time()
     stage = StagedIteration(req.save, conv.common["iteration"])
-    stats = write_torch_dist(stage.prepare(), conv.specs, conv.produce, conv.objects,
-                             conv.common, layered=conv.layered(), progress=False)
-    stage.commit(seal=(lambda d: integrity.write_manifest(d, conv.read_record())) if checks
-                 else None)
-    return {"peak_bytes": _vm("VmHWM:") - base, "rss_before_bytes": base,
-            "peak_held_bytes": stats.peak_held_bytes, "checks": checks,
-            "largest_tensor_bytes": max(s.nbytes for s in specs),
-            "largest_piece_bytes": max(n for _, _, n in pieces),
-            "written_bytes": sum(s.nbytes for s in specs), "tensors": len(conv.specs),
-            "seconds": time.time() - start,
-            "io_bytes": dir_bytes(load) + dir_bytes(save)}   # read + written
+    box = [stage.prepare() if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    seal = conv.write(box[0], manifest=checks)
+    stats = conv.stats
+    if rank == 0:
+        stage.staging = box[0]
+        stage.commit(seal=seal)
+    if dist.is_initialized():
+        dist.barrier()
+    seconds = time.time() - start
+    out = {"rank": rank, "world": world, "peak_bytes": _vm("VmHWM:") - base,
+           "rss_before_bytes": base, "peak_held_bytes": stats.peak_held_bytes, "checks": checks,
+           "largest_tensor_bytes": max(s.nbytes for s in conv.specs.values()),
+           "largest_piece_bytes": max(n for _, _, n in pieces),
+           "rank_bytes": sum(n for _, _, n in mine),
+           "written_bytes": sum(s.nbytes for s in conv.specs.values()),
+           "tensors": len(conv.specs), "open_seconds": open_s, "seconds": seconds}
+    if rank == 0:
+        out["io_bytes"] = dir_bytes(load) + dir_bytes(save)   # read + written
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return out
 
 
 def _build(root: str, corpus: str, size: dict) -> None:
@@ -95,12 +147,57 @@ def _build(root: str, corpus: str, size: dict) -> None:
         trainer.save()
 
 
-def _measure_in_subprocess(src: str, dst: str, sizes: dict = None, checks: bool = True) -> dict:
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", src, dst,
-                          "--sizes", json.dumps(sizes or {})] + ([] if checks else ["--no-checks"]),
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _results(stdout: str) -> list[dict]:
+    return [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+
+
+def _args(src, dst, sizes, checks) -> list:
+    return ([os.path.abspath(__file__), "--measure", src, dst, "--sizes", json.dumps(sizes or {})]
+            + ([] if checks else ["--no-checks"]))
+
+
+def run_conversion(src: str, dst: str, sizes: dict = None, checks: bool = True,
+                   ranks: int = 0) -> dict:
+    """One cold conversion in a fresh process (`ranks` > 0: under torchrun with that many);
+    the figures of every rank, the output removed again."""
+    from conftest import free_port
+
+    evict(src)
+    cmd = [sys.executable] + _args(src, dst, sizes, checks)
+    if ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               f"--master_port={free_port()}"] + cmd[1:]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    per_rank = sorted(_results(proc.stdout), key=lambda r: r["rank"])
+    shutil.rmtree(dst)
+    first = per_rank[0]
+    return {"seconds": max(r["seconds"] for r in per_rank), "io_bytes": first["io_bytes"],
+            "mib_per_s": first["io_bytes"] / MIB / max(r["seconds"] for r in per_rank),
+            "peak_rss_bytes_per_rank": [r["peak_bytes"] for r in per_rank],
+            "bytes_per_rank": [r["rank_bytes"] for r in per_rank],
+            "open_seconds": max(r["open_seconds"] for r in per_rank),
+            "largest_piece_bytes": first["largest_piece_bytes"],
+            "written_bytes": first["written_bytes"], "ranks": ranks or None}
+
+
+def copy_rates(src: str, tmp: str) -> dict:
+    """MiB/s (read + written) of a plain fsynced copy: cold (source evicted) and warm."""
+    out = {}
+    for state in ("cold", "warm"):
+        evict(src)
+        if state == "warm":
+            warm(src)
+        dst = os.path.join(tmp, "copy")
+        seconds = file_copy_seconds(src, dst)
+        shutil.rmtree(dst)
+        out[state] = {"seconds": seconds, "mib_per_s": 2 * dir_bytes(src) / MIB / seconds}
+    return out
 
 
 def checks_cost(tmp: str, src: str, repeats: int = 3) -> dict:
@@ -110,58 +207,90 @@ def checks_cost(tmp: str, src: str, repeats: int = 3) -> dict:
     for i in range(repeats):
         for checks in (True, False):
             dst = os.path.join(tmp, f"checks_{checks}_{i}")
-            times[checks].append(_measure_in_subprocess(src, dst, checks=checks)["seconds"])
-            shutil.rmtree(dst)
+            times[checks].append(run_conversion(src, dst, checks=checks)["seconds"])
     with_s, without_s = min(times[True]), min(times[False])
     return {"with_s": with_s, "without_s": without_s, "ratio": with_s / without_s,
-            "runs": {"with": times[True], "without": times[False]}}
+            "runs": {"with": times[True], "without": times[False]},
+            "command": "python bench/convert.py --checks-only"}
 
 
-def main(checks_only: bool = False, out: str = "") -> None:
+def _kinds(size: dict) -> tuple:
+    return (("format", {}), ("grow 2x", {"moe_ffn_hidden_size": 2 * size["moe_ffn_hidden_size"]}))
+
+
+def main(checks_only: bool = False, out: str = "", models=None) -> None:
     from megatron_sparkling.training import corpus
 
-    with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
+    began = time.time()
+    models = models or list(SIZES)
+    root = os.environ.get("BENCH_TMP") or None
+    with tempfile.TemporaryDirectory(prefix="bench_convert_", dir=root) as tmp:
         prefix = os.path.join(tmp, "corpus", "stdlib_text_document")
         corpus.build(corpus.stdlib_files(corpus.default_source_dir()), prefix, 300_000)
-        mib = 2 ** 20
-        print(f"{'model':>6} {'conversion':>10} {'checkpoint':>11} {'largest tensor':>14} "
-              f"{'peak RSS':>9} {'time':>7} {'MiB/s r+w':>9} {'file copy':>9} {'ratio':>6}")
-        rows = {}
-        for name, size in SIZES.items():
-            if checks_only and name != "large":
-                continue
+        if checks_only:
+            src = os.path.join(tmp, "large")
+            _build(src, prefix, SIZES["large"])
+            c = checks_cost(tmp, src)
+            print(f"integrity checks (large, format conversion, min of 3): {c['with_s']:.2f} s "
+                  f"with, {c['without_s']:.2f} s without: ratio {c['ratio']:.3f}", flush=True)
+            if out:
+                with open(out, "w") as f:
+                    json.dump({"integrity_checks": c}, f, indent=1)
+            return
+        print(f"{'model':>5} {'conversion':>10} {'ranks':>5} {'checkpoint':>11} "
+              f"{'peak RSS/rank':>14} {'time':>7} {'MiB/s r+w':>9} {'copy cold':>9} "
+              f"{'copy warm':>9} {'ratio':>6}", flush=True)
+        result = {"models": {}, "command": "python bench/convert.py"}
+        for name in models:
             src = os.path.join(tmp, name)
-            _build(src, prefix, size)
-            if checks_only:
-                break
-            copy_s = file_copy_seconds(src, os.path.join(tmp, name + "_copy"))
-            copy_rate = 2 * dir_bytes(src) / mib / copy_s
-            shutil.rmtree(os.path.join(tmp, name + "_copy"))
-            for kind, sizes in (("format", {}),
-                                ("grow 2x", {"moe_ffn_hidden_size": 2 * size["moe_ffn_hidden_size"]})):
-                dst = os.path.join(tmp, f"{name}_{kind.replace(' ', '')}")
-                r = _measure_in_subprocess(src, dst, sizes)
-                shutil.rmtree(dst)
-                rate = r["io_bytes"] / mib / r["seconds"]
-                if not sizes:
-                    rows[name] = r
-                print(f"{name:>6} {kind:>10} {dir_bytes(src) / mib:>7.1f} MiB "
-                      f"{r['largest_tensor_bytes'] / mib:>10.1f} MiB {r['peak_bytes'] / mib:>5.1f} MiB "
-                      f"{r['seconds']:>6.1f}s {rate:>9.1f} {copy_rate:>9.1f} {rate / copy_rate:>6.2f}",
-                      flush=True)
-        c = checks_cost(tmp, os.path.join(tmp, "large"))
-        print(f"integrity checks (large, format conversion, min of 3): {c['with_s']:.2f} s "
-              f"with, {c['without_s']:.2f} s without: ratio {c['ratio']:.3f}", flush=True)
+            _build(src, prefix, SIZES[name])
+            copy = copy_rates(src, tmp)
+            rows = {}
+            runs = [(kind, sizes, 0) for kind, sizes in _kinds(SIZES[name])]
+            if name == "xl":
+                runs += [(kind, sizes, n) for n in (1, 2) for kind, sizes in _kinds(SIZES[name])]
+            for kind, sizes, ranks in runs:
+                r = run_conversion(src, os.path.join(tmp, "out"), sizes, ranks=ranks)
+                r["ratio_to_cold_copy"] = r["mib_per_s"] / copy["cold"]["mib_per_s"]
+                r["ratio_to_warm_copy"] = r["mib_per_s"] / copy["warm"]["mib_per_s"]
+                rows[f"{kind}/{ranks or 'process'}"] = r
+                rss = "/".join(f"{b / MIB:.0f}" for b in r["peak_rss_bytes_per_rank"])
+                print(f"{name:>5} {kind:>10} {ranks or '-':>5} {dir_bytes(src) / MIB:>7.0f} MiB "
+                      f"{rss:>10} MiB {r['seconds']:>6.1f}s {r['mib_per_s']:>9.1f} "
+                      f"{copy['cold']['mib_per_s']:>9.1f} {copy['warm']['mib_per_s']:>9.1f} "
+                      f"{r['ratio_to_cold_copy']:>6.2f}", flush=True)
+            result["models"][name] = {"checkpoint_bytes": dir_bytes(src), "copy": copy,
+                                      "conversions": rows}
+            if name == "large":
+                result["integrity_checks"] = checks_cost(tmp, src)
+            shutil.rmtree(src)
+        m = result["models"]
+        if "xl" in m:
+            c = m["xl"]["conversions"]
+            result["speedup_2_ranks"] = {
+                kind: c[f"{kind}/1"]["seconds"] / c[f"{kind}/2"]["seconds"]
+                for kind, _ in _kinds(SIZES["xl"])}
+            for kind, s in result["speedup_2_ranks"].items():
+                print(f"xl {kind}: 2 ranks {s:.2f}x the speed of 1 rank (torchrun); "
+                      f"ratio to the cold copy at 2 ranks "
+                      f"{c[f'{kind}/2']['ratio_to_cold_copy']:.2f}", flush=True)
+        if "small" in m and "large" in m:
+            s, l = m["small"]["conversions"], m["large"]["conversions"]
+            growth = {k: max(l[k]["peak_rss_bytes_per_rank"]) / max(s[k]["peak_rss_bytes_per_rank"])
+                      for k in s}
+            result["peak_rss_growth_small_to_large"] = growth
+            print(f"checkpoint grew {m['large']['checkpoint_bytes'] / m['small']['checkpoint_bytes']:.2f}x "
+                  f"small -> large; converter peak RSS grew "
+                  + ", ".join(f"{g:.2f}x ({k})" for k, g in growth.items()), flush=True)
+        if "integrity_checks" in result:
+            c = result["integrity_checks"]
+            print(f"integrity checks (large, format, min of 3): {c['with_s']:.2f} s with, "
+                  f"{c['without_s']:.2f} s without: ratio {c['ratio']:.3f}", flush=True)
+        result["wall_seconds"] = time.time() - began
+        print(f"the whole run took {result['wall_seconds']:.0f} s", flush=True)
         if out:
             with open(out, "w") as f:
-                json.dump({"integrity_checks": c, "rows": rows}, f, indent=1)
-        if checks_only:
-            return
-        s, l = rows["small"], rows["large"]
-        print(f"checkpoint grew {l['written_bytes'] / s['written_bytes']:.2f}x, converter peak "
-              f"grew {l['peak_bytes'] / s['peak_bytes']:.2f}x (largest streamed piece "
-              f"{l['largest_piece_bytes'] / s['largest_piece_bytes']:.2f}x); the peak is "
-              f"{100 * l['peak_bytes'] / l['written_bytes']:.0f}% of the large checkpoint")
+                json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
@@ -172,10 +301,16 @@ if __name__ == "__main__":
                    help="--measure without the integrity checks (their cost)")
     p.add_argument("--checks-only", action="store_true",
                    help="only time the integrity checks (large model, with vs without)")
-    p.add_argument("--out", default="", help="write the figures as JSON to this file")
+    p.add_argument("--models", nargs="+", choices=list(SIZES), default=None,
+                   help="only these checkpoints (default: all three)")
+    p.add_argument("--out", default=None,
+                   help="write the figures as JSON to this file ('' for none; default "
+                        "docs/results/convert.json, with --checks-only integrity_cost.json)")
     ns = p.parse_args()
     if ns.measure:
-        print(json.dumps(measure(*ns.measure, sizes=json.loads(ns.sizes),
-                                 checks=not ns.no_checks)))
+        print("RESULT " + json.dumps(measure(*ns.measure, sizes=json.loads(ns.sizes),
+                                             checks=not ns.no_checks)), flush=True)
     else:
-        main(ns.checks_only, ns.out)
+        out = ns.out if ns.out is not None else os.path.join(
+            REPO, "docs", "results", "integrity_cost.json" if ns.checks_only else "convert.json")
+        main(ns.checks_only, out, ns.models)

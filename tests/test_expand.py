@@ -420,6 +420,40 @@ def test_converter_peak_memory_is_bounded_by_the_largest_piece(source, tmp_path)
     assert largest <= stats.peak_held_bytes <= 2 * largest
 
 
+def test_work_is_divided_among_ranks_in_whole_units_and_no_rank_takes_more_than_its_share(
+        source, tmp_path):
+    """What each rank of `torchrun ... expand` produces (writer.split_among_ranks, the real
+    conversion's pieces): every piece exactly once, a weight and its optimizer state on one rank
+    and one after the other, main param first (the integrity check compares them without a
+    second read), and no rank more than an even share plus one unit (the split is by bytes).
+    tests/test_expand_2rank.py runs it under torchrun and compares every tensor with one
+    process's output."""
+    from megatron_sparkling.checkpoint import expand as convert
+    from megatron_sparkling.checkpoint.writer import split_among_ranks, unit_of, work_items
+    from megatron_sparkling.core import layout
+
+    src, _ = source
+    conv = convert.Conversion(convert.ExpandRequest(load=src, save=str(tmp_path / "dst"),
+                                                    sizes={"moe_ffn_hidden_size": 256}))
+    items = work_items(conv.specs, conv.layered())
+    total = sum(n for *_, n in items)
+    units = {}
+    for item in items:
+        units.setdefault(unit_of(item), []).append(item)
+    largest_unit = max(sum(n for *_, n in u) for u in units.values())
+    for world in (1, 2, 3, 4):
+        shares = split_among_ranks(items, world)
+        assert sorted(i for share in shares for i in share) == sorted(items)
+        for share in shares:
+            assert sum(n for *_, n in share) <= total / world + largest_unit
+            assert {unit_of(i) for i in share} == {u for u in units if units[u][0] in share}
+            assert [i for i in items if i in share] == share      # stream order kept
+    for members in units.values():
+        kinds = [layout.split_state_key(k)[0] and layout.state_kind(k) for k, *_ in members]
+        if "param" in kinds:   # the weight, then its main param right after it
+            assert kinds[:2] == ["", "param"], members
+
+
 def test_written_param_groups_are_what_fused_adam_and_the_relaunch_ask_for(source, tmp_path,
                                                                           corpus_prefix):
     """Fused Adam (TE, apex) passes the group's `step` to a kernel taking an int, so it is

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -423,13 +424,52 @@ class Conversion:
         reset or kept); per-layer keys of new layers are derived from their source layer's."""
         return self.stream.read(key, layer).to(self.specs[key].dtype)
 
-    def read_record(self) -> dict:
+    def read_record(self, share: tuple = (0, 1)) -> dict:
         """What the conversion read (the manifest's `read`): the source and its file checksums
-        (checked against its own manifest when it had one)."""
+        (checked against its own manifest when it had one); `share` (rank, ranks): only that
+        rank's part of the files to checksum (integrity.checksums)."""
         src = self.src
-        sums = getattr(src, "checksums", None) or integrity.checksums(src.path)
+        sums = getattr(src, "checksums", None)
+        if sums is None:
+            sums = integrity.checksums(src.path, share)
+        elif share[0] != 0:
+            sums = {}
         return {"path": os.path.abspath(src.path), "iteration": src.iteration,
                 "format": src.format, "files": sums}
+
+    def write(self, staging: str, progress: bool = False, manifest: bool = True):
+        """Stream every tensor into `staging` (collective under torchrun: each rank writes its
+        share); returns the seal that writes the manifest at commit (rank 0), or None. The
+        source is checksummed in a background thread while the tensors stream (each rank its
+        share of the files), the written files as each is synced; the ranks' parts are merged."""
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        share = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        pool = ThreadPoolExecutor(1) if manifest else None
+        read = pool.submit(self.read_record, share) if manifest else None
+        try:
+            stats = write_torch_dist(staging, self.specs, self.produce, self.objects, self.common,
+                                     layered=self.layered(), progress=progress,
+                                     desc="growing" if self.grown else "converting",
+                                     finish=self.stream.finish,
+                                     digest=integrity.file_checksum if manifest else None)
+            parts = [(read.result(), stats.digests)] if manifest else None
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self.stats = stats
+        if not manifest:
+            return None
+        if distributed:
+            gathered = [None] * share[1]
+            dist.all_gather_object(gathered, parts[0])
+            parts = gathered
+        record, written = dict(parts[0][0]), {}
+        record["files"] = dict(sorted(kv for r, _ in parts for kv in r["files"].items()))
+        for _, digests in parts:
+            written.update(digests)
+        return lambda directory: integrity.write_manifest(directory, record, known=written)
 
     def relaunch_flags(self) -> list:
         t = self.target_shape
@@ -530,12 +570,9 @@ def expand(req: ExpandRequest) -> ExpandResult:
     stage.staging = box[0]
     try:
         try:
-            write_torch_dist(stage.staging, conv.specs, conv.produce, conv.objects, conv.common,
-                             layered=conv.layered(), progress=req.progress,
-                             desc="growing" if conv.grown else "converting")
+            seal = conv.write(stage.staging, progress=req.progress)
             if rank == 0:
-                stage.commit(seal=lambda staging: integrity.write_manifest(staging,
-                                                                           conv.read_record()))
+                stage.commit(seal=seal)
         except (OSError, RuntimeError) as e:
             failure = resources.io_failure(e, req.save)
             if failure is None:

@@ -66,7 +66,9 @@ class GrownTensors:
         self.grower = grower
         self.optimizer = optimizer   # the source's model-space optimizer state (or None)
         self.depth = depth
-        self.checks = ValueChecks(src, optimizer) if checks else None
+        # the writer's stream reads each weight and then its main param (checkpoint/writer.py)
+        paired = optimizer is not None and "param" in optimizer.kinds
+        self.checks = ValueChecks(src, optimizer, paired) if checks else None
         if self.checks is not None:
             self.checks.step(optimizer)
         self._objects: dict[str, dict] = {}   # grown `_extra_state` objects, by key
@@ -86,6 +88,11 @@ class GrownTensors:
             return self._checked(model_key, None, layer,
                                  self.src.read_model(model_key, layer)).float()
         raise CheckpointError(f"the checkpoint has no {kind} state for {model_key}")
+
+    def finish(self) -> None:
+        """After the last read: complete the checks (a weight whose main param was not read)."""
+        if self.checks is not None:
+            self.checks.finish()
 
     def _checked(self, key, kind, layer, tensor):
         return tensor if self.checks is None else self.checks.tensor(key, kind, layer, tensor)

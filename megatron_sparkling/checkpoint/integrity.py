@@ -44,22 +44,31 @@ def file_checksum(path: str) -> tuple[int, str]:
     return size, f"{crc:08x}"
 
 
-def checksums(directory: str) -> dict:
-    """{relative name: [bytes, crc]} of every file under `directory` but the manifest."""
+def checksums(directory: str, share: tuple = (0, 1), known: Optional[dict] = None) -> dict:
+    """{relative name: [bytes, crc]} of every file under `directory` but the manifest; `share`
+    (index, count): only every count-th file from index (ranks divide the reading); `known`:
+    checksums already taken of some files (as they were written), used while the size holds."""
+    names = []
+    for dirpath, _, files in os.walk(directory):
+        names += [os.path.relpath(os.path.join(dirpath, n), directory) for n in files]
+    index, count = share
     out = {}
-    for dirpath, _, names in os.walk(directory):
-        for n in sorted(names):
-            path = os.path.join(dirpath, n)
-            rel = os.path.relpath(path, directory)
-            if rel != MANIFEST:
-                out[rel] = list(file_checksum(path))
-    return dict(sorted(out.items()))
+    for i, rel in enumerate(sorted(n for n in names if n != MANIFEST)):
+        if i % count != index:
+            continue
+        path = os.path.join(directory, rel)
+        held = (known or {}).get(rel)
+        out[rel] = (list(held) if held is not None and held[0] == os.path.getsize(path)
+                    else list(file_checksum(path)))
+    return out
 
 
-def write_manifest(directory: str, read: Optional[dict] = None) -> None:
+def write_manifest(directory: str, read: Optional[dict] = None,
+                   known: Optional[dict] = None) -> None:
     """Write the manifest of every file in `directory` (fsynced); `read`: what was read to make it
-    (the source's path, iteration and file checksums)."""
-    body = {"algorithm": "crc32", "files": checksums(directory), "read": read or {}}
+    (the source's path, iteration and file checksums); `known`: checksums taken as files were
+    written (checksums())."""
+    body = {"algorithm": "crc32", "files": checksums(directory, known=known), "read": read or {}}
     write_file_synced(os.path.join(directory, MANIFEST), json.dumps(body, indent=1).encode())
 
 
@@ -102,14 +111,22 @@ def _holding(tensors_in, name: str) -> str:
 class ValueChecks:
     """Checks every tensor read from source checkpoint `src` as it is read (`tensor`), and the
     optimizer step once (`step`): finite values; exp_avg_sq >= 0; fp32 main params equal, cast
-    to the weights' dtype, to the model weights they shadow (compared once per key and layer,
-    whichever of the two is read first). Raises CorruptCheckpointError in one line naming the
-    tensor and the file(s) holding it."""
+    to the weights' dtype, to the model weights they shadow (every element, once per key and
+    layer). Raises CorruptCheckpointError in one line naming the tensor and the file(s).
 
-    def __init__(self, src, optimizer=None):
+    `paired`: the reader reads each weight and its main param one right after the other
+    (checkpoint/writer.py's stream order), so the first of the two is held until the second
+    arrives and they are compared then, without reading either again. Any other order still
+    compares every pair: a held side whose partner does not come next, or was changed in place
+    since, is compared with its partner read from `src` (as is every pair when not `paired`);
+    `finish()` settles the last one."""
+
+    def __init__(self, src, optimizer=None, paired: bool = False):
         self.src = src
         self._optimizer = optimizer
+        self._paired = paired
         self._compared: set = set()
+        self._held = None   # (key, layer, kind, tensor, its version): a side awaiting its partner
 
     @property
     def optimizer(self):
@@ -135,22 +152,27 @@ class ValueChecks:
         """`tensor` (model weight: kind None; else an optimizer-state kind), checked."""
         if not tensor.is_floating_point() or tensor.numel() == 0:
             return tensor
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise CorruptCheckpointError(
-                f"{self.where(key, kind, layer)}: {bad} of {tensor.numel()} values are NaN or "
-                f"infinite; {RECOPY}")
-        if kind == "exp_avg_sq":
+        low = self._finite(key, kind, layer, tensor)
+        if kind == "exp_avg_sq" and low < 0:
             negative = tensor < 0
-            if bool(negative.any()):
-                raise CorruptCheckpointError(
-                    f"{self.where(key, kind, layer)}: {int(negative.sum())} negative values "
-                    f"(min {float(tensor.min()):.3g}) in Adam's mean of squared gradients, which "
-                    f"is never negative; {RECOPY}")
+            raise CorruptCheckpointError(
+                f"{self.where(key, kind, layer)}: {int(negative.sum())} negative values "
+                f"(min {low:.3g}) in Adam's mean of squared gradients, which "
+                f"is never negative; {RECOPY}")
         if kind in (None, "param"):
             self._shadowed(key, kind, layer, tensor)
         return tensor
+
+    def _finite(self, key, kind, layer, tensor) -> float:
+        """The tensor's minimum, refusing NaN and infinities: min and max in one pass (both
+        propagate NaN), the exact count only to report a failure."""
+        low, high = (float(v) for v in torch.aminmax(tensor.reshape(-1)))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CorruptCheckpointError(
+                f"{self.where(key, kind, layer)}: {bad} of {tensor.numel()} values are NaN or "
+                f"infinite; {RECOPY}")
+        return low
 
     def _shadowed(self, key, kind, layer, tensor) -> None:
         """A model weight equals its fp32 main param cast to the weight's dtype."""
@@ -158,36 +180,60 @@ class ValueChecks:
         if (opt is None or (key, layer) in self._compared or key not in opt.keys
                 or "param" not in opt.kinds_of(key)):
             return
+        held = self._held
+        if held is not None and held[:2] == (key, layer):
+            if held[2] == kind:   # the same side again (a layer copied twice): still waiting
+                return
+            self._held = None
+            if held[3]._version == held[4]:   # unchanged since it was checked
+                self._compared.add((key, layer))
+                self._compare(key, layer, *((tensor, held[3]) if kind is None
+                                            else (held[3], tensor)))
+                return
+        self.finish()
+        if self._paired:
+            self._held = (key, layer, kind, tensor, tensor._version)
+        else:
+            self._with_stored_partner(key, layer, kind, tensor)
+
+    def finish(self) -> None:
+        """Compare the held side, if any, with its partner read from `src`."""
+        if self._held is not None:
+            key, layer, kind, tensor, _ = self._held
+            self._held = None
+            self._with_stored_partner(key, layer, kind, tensor)
+
+    def _with_stored_partner(self, key, layer, kind, tensor) -> None:
         self._compared.add((key, layer))
         if kind is None:
-            weight, main = tensor, self._read_checked(key, "param", layer)
+            self._compare(key, layer, tensor, self._read_checked(key, "param", layer))
         else:
-            weight, main = self._read_checked(key, None, layer), tensor
+            self._compare(key, layer, self._read_checked(key, None, layer), tensor)
+
+    def _compare(self, key, layer, weight, main) -> None:
+        if torch.equal(main.to(weight.dtype), weight):
+            return
         differ = main.to(weight.dtype) != weight
-        if bool(differ.any()):
-            n = int(differ.sum())
-            gap = float((main - weight.float()).abs().max())
-            # a wrong bucket layout scrambles (nearly) every element; damage touches a few
-            if n > tensor.numel() // 10:
-                raise CheckpointError(
-                    f"main parameters of {key} read from the optimizer state differ from its "
-                    f"weights in {n} of {tensor.numel()} elements: the optimizer layout rebuilt "
-                    "from the stored args does not fit this checkpoint; re-save it with "
-                    "--dist-ckpt-optim-fully-reshardable, or pass --no-optimizer")
-            raise CorruptCheckpointError(
-                f"{self.where(key, None, layer)} differs from its fp32 main parameter "
-                f"({self.where(key, 'param', layer).split(' in ', 1)[1]}) in {n} of "
-                f"{tensor.numel()} elements (up to {gap:.3g}); one of them is damaged; {RECOPY}")
+        n = int(differ.sum())
+        gap = float((main - weight.float()).abs().max())
+        # a wrong bucket layout scrambles (nearly) every element; damage touches a few
+        if n > weight.numel() // 10:
+            raise CheckpointError(
+                f"main parameters of {key} read from the optimizer state differ from its "
+                f"weights in {n} of {weight.numel()} elements: the optimizer layout rebuilt "
+                "from the stored args does not fit this checkpoint; re-save it with "
+                "--dist-ckpt-optim-fully-reshardable, or pass --no-optimizer")
+        raise CorruptCheckpointError(
+            f"{self.where(key, None, layer)} differs from its fp32 main parameter "
+            f"({self.where(key, 'param', layer).split(' in ', 1)[1]}) in {n} of "
+            f"{weight.numel()} elements (up to {gap:.3g}); one of them is damaged; {RECOPY}")
 
     def _read_checked(self, key, kind, layer) -> torch.Tensor:
         """The other side of a comparison (checked for finiteness, not compared again)."""
         t = (self.src.read_model(key, layer) if kind is None
              else self.optimizer.read(key, kind, layer))
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
-            raise CorruptCheckpointError(
-                f"{self.where(key, kind, layer)}: {int((~finite).sum())} of {t.numel()} values "
-                f"are NaN or infinite; {RECOPY}")
+        if t.numel():
+            self._finite(key, kind, layer, t)
         return t
 
     def step(self, optimizer) -> None:
@@ -219,7 +265,7 @@ def check_all(src, optimizer: bool = True) -> int:
     """Read and check every model tensor (and, with `optimizer`, every optimizer-state tensor)
     of `src` one layer at a time, as `verify` does before loading; returns the tensors checked."""
     opt = src.optimizer if optimizer else None
-    checks = ValueChecks(src, opt)
+    checks = ValueChecks(src, opt, paired=opt is not None)
     checks.step(opt)
     count = 0
     for key, spec in src.model_tensors.items():
@@ -230,4 +276,5 @@ def check_all(src, optimizer: bool = True) -> int:
                 for kind in opt.kinds_of(key):
                     checks.tensor(key, kind, layer, opt.read(key, kind, layer))
         count += 1
+    checks.finish()
     return count

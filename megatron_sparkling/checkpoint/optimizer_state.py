@@ -173,13 +173,23 @@ class BucketSpaceState(OptimizerState):
         if key not in self._sources:
             raise CheckpointError(f"the checkpoint has no {kind} optimizer state for {key}")
         shape = self._shapes[key] if layer is None else self._shapes[key][1:]
-        out = torch.empty(shape, dtype=torch.float32)
+        reads = []
         for stem, start, end, pieces in self._sources[key]:
             placed = [(where, p) for p in pieces
                       if (where := in_layer(p.global_slice, layer)) is not None]
-            if not placed:
-                continue
-            flat = self._dcp.read(f"{stem}.{state_key(kind)}", (start,), (end - start,))
+            if placed:
+                reads.append((f"{stem}.{state_key(kind)}", start, end, placed))
+        if len(reads) == 1 and len(reads[0][3]) == 1:   # one piece holding it all: no copy
+            name, start, end, placed = reads[0]
+            flat = self._dcp.read(name, (start,), (end - start,))
+            whole = placed[0][1].view_of(flat)
+            if (tuple(whole.shape) == tuple(shape) and whole.is_contiguous()
+                    and whole.numel() == flat.numel()):
+                return whole
+            reads = [(flat, None, None, placed)]   # read already
+        out = torch.empty(shape, dtype=torch.float32)
+        for name, start, end, placed in reads:
+            flat = name if start is None else self._dcp.read(name, (start,), (end - start,))
             for where, piece in placed:
                 out[where] = piece.view_of(flat)
         return out

@@ -11,11 +11,14 @@ The result loads in megatron-core at ANY TP/EP/PP/DP layout (files: `write_torch
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import queue
+import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,6 +41,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from megatron_sparkling.checkpoint.paths import CheckpointError
+from megatron_sparkling.core import layout as layout_lib
 
 
 TORCH_DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -51,10 +55,12 @@ class ProducedTensorError(ValueError):
 @dataclass
 class WriteStats:
     """Bytes of produced pieces alive at once (counted as DCP drops them): the streaming
-    property, independent of allocator and machine load."""
+    property, independent of allocator and machine load; `digests`: {file name: digest} of the
+    data files this rank wrote (write_torch_dist's `digest`)."""
     held_bytes: int = 0
     peak_held_bytes: int = 0
     pieces: int = 0
+    digests: dict = field(default_factory=dict)
 
     def hold(self, tensor: torch.Tensor) -> None:
         n = tensor.numel() * tensor.element_size()
@@ -78,8 +84,11 @@ def first_failure(exc: BaseException) -> BaseException:
 
 
 def work_items(specs: dict, layered: dict) -> list[tuple]:
-    """(key, layer or None, nbytes) for every piece that is produced and written on its own:
-    a key listed in `layered` is written one leading-axis slice (one layer) at a time."""
+    """(key, layer or None, nbytes) for every piece that is produced and written on its own, in
+    stream order: a key listed in `layered` is written one leading-axis slice (one layer) at a
+    time; each model weight (or layer of it) is followed by its optimizer state, main param
+    first (`_stream_order`: integrity.ValueChecks compares the two without reading either
+    again)."""
     items = []
     for key in sorted(specs):
         spec = specs[key]
@@ -88,16 +97,31 @@ def work_items(specs: dict, layered: dict) -> list[tuple]:
             items += [(key, i, per_layer) for i in range(spec.shape[0])]
         else:
             items.append((key, None, spec.nbytes))
-    return items
+    return sorted(items, key=_stream_order)
+
+
+def unit_of(item: tuple) -> tuple:
+    """(model key, layer): a weight and its optimizer state, produced and written together."""
+    key, layer = item[0], item[1]
+    return layout_lib.split_state_key(key)[1], -1 if layer is None else layer
+
+
+def _stream_order(item: tuple) -> tuple:
+    key = item[0]
+    prefix = layout_lib.split_state_key(key)[0]
+    return (*unit_of(item), prefix != "", layout_lib.KIND_NAMES.index(layout_lib.state_kind(key)),
+            key)
 
 
 class _StreamingSavePlanner(DefaultSavePlanner):
     """DCP save planner whose tensor chunks are produced on demand in `resolve_data`."""
 
     def __init__(self, specs: dict, items: list, produce, objects: dict, progress=None,
-                 stats: WriteStats | None = None):
+                 stats: WriteStats | None = None, finish: Callable | None = None):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self._stats = stats
+        self._finish = finish     # called after the last piece is produced (inside DCP's save)
+        self._produced = 0
         self._specs = specs
         self._items = items
         self._produce = produce
@@ -133,6 +157,9 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         spec, chunk = self._specs[key], write_item.tensor_data.chunk
         layer = None if write_item.type == WriteItemType.TENSOR else int(chunk.offsets[0])
         tensor = self._produce(key, layer)
+        self._produced += 1
+        if self._produced == len(self._items) and self._finish is not None:
+            self._finish()   # a failure here still fails the save on every rank
         expected = tuple(chunk.sizes) if layer is None else tuple(chunk.sizes)[1:]
         if tuple(tensor.shape) != expected or tensor.dtype != spec.dtype:
             where = "" if layer is None else f" layer {layer}"
@@ -149,14 +176,79 @@ class _StreamingSavePlanner(DefaultSavePlanner):
 
 
 def split_among_ranks(items: list, world: int) -> list[list]:
-    """Work items per rank, balanced by bytes (largest first onto the least loaded rank)."""
+    """Work items per rank, balanced by bytes: whole units (`unit_of`: a weight with its
+    optimizer state), largest first onto the least loaded rank; each rank's in stream order."""
+    units: dict[tuple, list] = {}
+    for item in items:
+        units.setdefault(unit_of(item), []).append(item)
+    order = {id(item): i for i, item in enumerate(items)}
     shares: list[list] = [[] for _ in range(world)]
     loads = [0] * world
-    for item in sorted(items, key=lambda it: (-it[2], it[0], -1 if it[1] is None else it[1])):
+    for unit, members in sorted(units.items(), key=lambda u: (-sum(n for *_, n in u[1]), u[0])):
         r = loads.index(min(loads))
-        shares[r].append(item)
-        loads[r] += item[2]
-    return shares
+        shares[r] += members
+        loads[r] += sum(n for *_, n in members)
+    return [sorted(share, key=lambda it: order[id(it)]) for share in shares]
+
+
+class _SyncBehind:
+    """fsync each file DCP has finished writing in a background thread, while the next piece is
+    produced and written (os.fsync releases the GIL), then `digest(path)` it if asked (e.g. a
+    checksum, read back from the page cache); `join` waits for all, re-raises the first failure
+    and returns the digests by path. A duplicated descriptor is synced, so a file renamed
+    meanwhile (DCP's `.metadata.tmp`, not digested) is synced too."""
+
+    def __init__(self, digest: Callable | None = None):
+        self._digest = digest
+        self.digests: dict = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            fd, path = job
+            try:
+                if self._failure is None:
+                    os.fsync(fd)
+                    if self._digest is not None and not path.endswith(".tmp"):
+                        self.digests[path] = self._digest(path)
+            except OSError as e:
+                self._failure = e
+            finally:
+                os.close(fd)
+
+    def add(self, fd: int, path: str) -> None:
+        """Sync, then close, descriptor `fd` (a duplicate of written file `path`'s)."""
+        self._queue.put((fd, path))
+
+    def join(self) -> dict:
+        self._queue.put(None)
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self.digests
+
+
+class _SyncBehindWriter(FileSystemWriter):
+    """FileSystemWriter whose files are fsynced behind the writing (`_SyncBehind`), not inline."""
+
+    def __init__(self, path: str, sync: _SyncBehind, **kwargs):
+        super().__init__(path, sync_files=False, **kwargs)
+        create = self.fs.create_stream
+
+        @contextlib.contextmanager
+        def create_stream(path, mode):
+            fd = None
+            try:
+                with create(path, mode) as stream:
+                    fd = os.dup(stream.fileno()) if "w" in mode else None  # DCP closes `stream`
+                    yield stream
+            finally:
+                if fd is not None:
+                    sync.add(fd, str(path))
+        self.fs.create_stream = create_stream
 
 
 def fsync_path(path: str) -> None:
@@ -176,13 +268,16 @@ def write_file_synced(path: str, data: bytes) -> None:
 
 def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: dict,
                      common: dict, layered: dict | None = None, progress: bool = True,
-                     desc: str = "writing") -> WriteStats:
+                     desc: str = "writing", finish: Callable | None = None,
+                     digest: Callable | None = None) -> WriteStats:
     """Write a complete torch_dist checkpoint into the EXISTING empty `directory`.
 
     `specs`: {key: TensorSpec} of every tensor; `produce(key, layer)` makes one tensor (layer
     None) or one layer slice of it (without the leading axis) for keys marked in `layered`;
     `objects`: {unique key: bytes} of ShardedObjects (written by rank 0); `common`: the common
-    state dict (rank 0 writes common.pt). Collective under torch.distributed (same arguments).
+    state dict (rank 0 writes common.pt); `finish()`: called after this rank's last piece is
+    produced, before the save completes (what checks the produced stream); `digest(path)`: run
+    on each data file this rank wrote once it is synced (WriteStats.digests). Collective under torch.distributed (same arguments).
 
     The result is what megatron-core's dist_checkpointing loads at ANY TP/EP/PP/DP layout:
     - `.metadata` + `__R_K.distcp`: every tensor under its global key with its global shape
@@ -207,18 +302,24 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
                         f"{f', rank {rank}' if distributed else ''})")
     stats = WriteStats()
     failure = None
+    sync = _SyncBehind(digest)
     try:
         planner = _StreamingSavePlanner(specs, mine, produce, objects if rank == 0 else {}, bar,
-                                        stats)
+                                        stats, finish)
         # one item per file: FileSystemWriter keeps a file's tensors alive until it is closed
-        writer = FileSystemWriter(directory, single_file_per_rank=False, sync_files=True,
-                                  thread_count=1, overwrite=False)
+        writer = _SyncBehindWriter(directory, sync, single_file_per_rank=False,
+                                   thread_count=1, overwrite=False)
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=not distributed)
     except CheckpointException as e:
         failure = first_failure(e)
     finally:
         if bar is not None:
             bar.close()
+        try:
+            stats.digests = {os.path.relpath(path, directory): value
+                             for path, value in sync.join().items()}
+        except OSError as e:
+            failure = failure or e
     if failure is not None:   # raised here, not in the handler: its own __context__ is kept
         raise failure
     if rank == 0:

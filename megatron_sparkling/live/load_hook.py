@@ -185,6 +185,7 @@ def load_in_model_space(args, model, optimizer, scheduler, src, grower=None,
                   lambda key, _: tensors.whole(key), strict=strict,
                   step=float(src.optimizer.step or 0) if load_optim else None,
                   object_of=tensors.object)
+        tensors.finish()
     except GlobalShapeError as e:   # a global shape of the live model the checkpoint lacks
         raise CheckpointError(f"the checkpoint does not fit this run's model ({e}); keep "
                               "every flag but the grown sizes as in the checkpoint") from None
