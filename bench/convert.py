@@ -308,8 +308,10 @@ if __name__ == "__main__":
                         "docs/results/convert.json, with --checks-only integrity_cost.json)")
     ns = p.parse_args()
     if ns.measure:
-        print("RESULT " + json.dumps(measure(*ns.measure, sizes=json.loads(ns.sizes),
-                                             checks=not ns.no_checks)), flush=True)
+        line = "RESULT " + json.dumps(measure(*ns.measure, sizes=json.loads(ns.sizes),
+                                              checks=not ns.no_checks)) + "\n"
+        sys.stdout.write(line)   # one write (< PIPE_BUF): ranks sharing stdout do not interleave
+        sys.stdout.flush()
     else:
         out = ns.out if ns.out is not None else os.path.join(
             REPO, "docs", "results", "integrity_cost.json" if ns.checks_only else "convert.json")
