@@ -41,6 +41,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import analysis  # noqa: E402
+from megatron_sparkling.training.arguments import flags_to_argv  # noqa: E402
 
 SETTINGS = {
     "expert-ffn-2x": {"moe_ffn_hidden_size": 2},
@@ -149,12 +150,7 @@ def base_flags(cfg: dict, data_path: str, out: str = None, seed: int = FIRST_SEE
         "sparkling_rewarmup_iters": cfg["rewarmup_iters"],
         "sparkling_rewarmup_peak_ratio": cfg["rewarmup_peak_ratio"],
     }
-    argv = []
-    for name, value in flags.items():
-        argv.append("--" + name.replace("_", "-"))
-        if value is not True:
-            argv.append(str(value))
-    return argv
+    return flags_to_argv(flags)
 
 
 # ---------------------------------------------------------------------- determinism

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from megatron_sparkling.training.arguments import flags_to_argv
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "examples", "pretrain_moe.py")
 CORPUS_TOKENS = 1_500_000
@@ -66,14 +68,7 @@ def tiny_moe_flags(data_path: str, **overrides) -> list[str]:
         "data_path": data_path, "split": "90,10,0", "seed": 1234,
     }
     flags.update(overrides)
-    argv = []
-    for name, value in flags.items():
-        if value is None or value is False:
-            continue
-        argv.append("--" + name.replace("_", "-"))
-        if value is not True:
-            argv.append(str(value))
-    return argv
+    return flags_to_argv(flags)
 
 
 def free_port() -> int:

@@ -59,28 +59,33 @@ def _buckets_take_step() -> bool:
 
 
 @contextlib.contextmanager
-def steps_out_of_buckets(optimizer):
-    opts = (list(_distributed_optimizers(optimizer))
-            if optimizer is not None and _buckets_take_step() else [])
+def _methods_replaced(opts, name: str, function):
+    """`function` bound as method `name` of each optimizer in `opts` (the instance attribute
+    shadows the class's), removed again on exit."""
     for opt in opts:
-        opt.get_parameter_state_dp_reshardable = _bucket_state_without_step.__get__(opt)
+        setattr(opt, name, function.__get__(opt))
     try:
         yield
     finally:
         for opt in opts:
-            del opt.get_parameter_state_dp_reshardable
+            delattr(opt, name)
+
+
+@contextlib.contextmanager
+def steps_out_of_buckets(optimizer):
+    opts = (list(_distributed_optimizers(optimizer))
+            if optimizer is not None and _buckets_take_step() else [])
+    with _methods_replaced(opts, "get_parameter_state_dp_reshardable",
+                           _bucket_state_without_step):
+        yield
 
 
 @contextlib.contextmanager
 def patched_fully_reshardable_load(optimizer):
     opts = list(_distributed_optimizers(optimizer)) if optimizer is not None else []
-    for opt in opts:
-        opt._set_main_param_and_optimizer_states = _set_loaded_states_only.__get__(opt)
-    try:
+    with _methods_replaced(opts, "_set_main_param_and_optimizer_states",
+                           _set_loaded_states_only):
         yield
-    finally:
-        for opt in opts:
-            del opt._set_main_param_and_optimizer_states
     for opt in opts:
         # load_state_dict gives every parameter the SAME `step` tensor; torch's Adam then
         # increments it once per parameter per step, breaking bias correction. Unshare it.

@@ -48,6 +48,19 @@ def _flag(name: str, prefix: str = "") -> str:
     return "--" + (prefix + "_" + name if prefix else name).replace("_", "-")
 
 
+def flags_to_argv(flags: dict) -> list:
+    """Megatron-LM command-line flags from {args field: value}: True is a bare flag, None and
+    False leave the flag out."""
+    argv = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv.append(_flag(name))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
 def _argparse_type(tp) -> Optional[dict]:
     """argparse kwargs for a dataclass field type, or None where argparse cannot express it."""
     origin, inner = typing.get_origin(tp), typing.get_args(tp)
