@@ -6,6 +6,7 @@ dist_checkpointing checkpoints on CPU with gloo, in this process (1 rank) or und
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -38,6 +39,13 @@ def megatron_lm_missing():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs (torchrun, benchmarks); "
                                        "deselect with -m 'not slow'")
+
+
+@pytest.fixture(autouse=True)
+def collect_finished_runs():
+    """After each test, free the runs it left (a run's gloo groups keep threads until then)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,33 @@ def test_resume_equals_straight_run(tmp_path, corpus_prefix, distributed_optimiz
     assert max(abs(a - b) for a, b in zip(reference, first + second)) < 1e-5
 
 
+def _process_group_threads() -> int:
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sum(n in ("pt_gloo_runloop", "gloo_tcp_loop", "pt_tcpstore_uv") for n in names)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_finished_run_leaves_nothing_behind(tmp_path, corpus_prefix):
+    """A run that trained and saved in this process is freed when it ends: its model, and its
+    process groups' threads (left behind, ~50 per run, they slowed a test session to a crawl)."""
+    import gc
+    import weakref
+
+    gc.collect()   # what earlier tests left for the collector
+    before = _process_group_threads()
+    flags = tiny_moe_flags(corpus_prefix, train_iters=8, use_distributed_optimizer=True,
+                           save=str(tmp_path / "ckpt"))
+    with megatron_run(flags) as trainer:
+        _losses(trainer, 2)
+        trainer.save()
+        model = weakref.ref(trainer.model[0])
+        assert _process_group_threads() > before   # the run's own groups are counted
+    del trainer
+    gc.collect()
+    assert model() is None
+    assert _process_group_threads() == before
+
+
 def test_validation_loss_goes_down_on_real_text(corpus_prefix):
     flags = tiny_moe_flags(corpus_prefix, train_iters=60, lr=3e-3, lr_warmup_iters=5,
                            eval_iters=4)

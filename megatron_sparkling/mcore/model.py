@@ -209,3 +209,19 @@ def unwrap(model_chunks):
             chunk = chunk.module
         out.append(chunk)
     return out
+
+
+def drop_autograd_leftovers(model_chunks) -> None:
+    """Drop the tensors modules keep from their last forward that still carry its autograd graph.
+
+    megatron-core's token dispatchers keep the routing probabilities of the last micro-batch; their
+    graph holds the parameters' grad accumulators, whose DDP hooks hold the model: a cycle through
+    C++ that the garbage collector cannot see. A finished run would keep its model and its gloo
+    process groups' threads alive (each in-process run of a test session added ~50 threads)."""
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            holders = [module, getattr(module, "token_dispatcher", None)]
+            for holder in filter(None, holders):
+                for name, value in list(vars(holder).items()):
+                    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                        setattr(holder, name, None)

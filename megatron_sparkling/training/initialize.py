@@ -90,5 +90,18 @@ def shutdown() -> None:
     # sized by the run's layer count: a later run in this process may have another
     reset_moe_loss_tracker()
     mpu.destroy_model_parallel()
+    _forget_process_groups(mpu)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _forget_process_groups(mpu) -> None:
+    """Drop what still holds this run's process groups after destroy_model_parallel(): a gloo
+    group's threads live as long as the group, so a process that trains again would pile them up."""
+    # megatron-core 0.16's destroy_model_parallel() leaves a few globals set
+    for name, value in list(vars(mpu).items()):
+        if isinstance(value, torch.distributed.ProcessGroup):
+            setattr(mpu, name, None)
+    # RotaryEmbedding.forward is an lru_cache keyed by the module (which holds the CP group)
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    getattr(RotaryEmbedding.forward, "cache_clear", lambda: None)()

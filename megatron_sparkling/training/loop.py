@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import weakref
 from datetime import datetime
 from functools import partial
 
@@ -118,9 +119,7 @@ class Pretrainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.forward_backward = get_forward_backward_func()
-        self.config = model_lib.unwrap(self.model)[0].config
-        self.config.finalize_model_grads_func = _finalize_model_grads
-        self.config.grad_scale_func = self.optimizer.scale_loss
+        self._wire_config()
         if args.log_metrics_path and torch.distributed.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(args.log_metrics_path)), exist_ok=True)
         self._attach_hooks()
@@ -131,6 +130,16 @@ class Pretrainer:
                                                  extra_args_provider))
         wandb_log.check_available(args)
         return cls(args, _hooks_from_args(args))
+
+    def _wire_config(self):
+        """The model config's callbacks into this run, as Megatron-LM's setup sets them."""
+        self.config = model_lib.unwrap(self.model)[0].config
+        self.config.finalize_model_grads_func = _finalize_model_grads
+        # Held weakly: config -> optimizer -> model -> config would be a cycle the garbage
+        # collector never frees here, so every finished in-process run would keep its model and
+        # its gloo process groups' threads (a test session slowed to a crawl).
+        scale_loss = weakref.WeakMethod(self.optimizer.scale_loss)
+        self.config.grad_scale_func = lambda loss: scale_loss()(loss)
 
     def _attach_hooks(self):
         for hook in self.hooks:
@@ -148,9 +157,7 @@ class Pretrainer:
         del sources
         self.scheduler = growth.carry_scheduler(new_args, self.optimizer, self.scheduler)
         self.args = new_args
-        self.config = model_lib.unwrap(self.model)[0].config
-        self.config.finalize_model_grads_func = _finalize_model_grads
-        self.config.grad_scale_func = self.optimizer.scale_loss
+        self._wire_config()
         self.flops_per_iteration = flops.training_flops_per_iteration(new_args)
         self._attach_hooks()
 
@@ -198,6 +205,7 @@ class Pretrainer:
             model=self.model, num_microbatches=self.num_microbatches,
             seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
             decoder_seq_length=args.seq_length, forward_only=False)
+        model_lib.drop_autograd_leftovers(self.model)
         update_successful, grad_norm, num_zeros = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=args.global_batch_size)
