@@ -394,6 +394,32 @@ def test_killed_conversion_leaves_nothing_loadable_and_a_rerun_succeeds(source, 
     assert open_checkpoint(str(dst)).iteration == SAVE_AT
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"   # not a zombie
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_converter_leaves_no_worker_behind():
+    """The converter builds its layouts in a spawned worker (checkpoint/shadow.py); when the
+    converter is killed (SIGKILL: no cleanup runs) the worker ends too, within seconds."""
+    code = ("import time\nfrom megatron_sparkling.checkpoint import shadow\n"
+            "print(*shadow._pool()._processes, flush=True)\ntime.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    assert _running(worker)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while _running(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _running(worker), f"worker {worker} outlived its killed converter"
+
+
 def test_converter_peak_memory_is_bounded_by_the_largest_piece(source, tmp_path):
     """Streaming, counted by the writer itself (WriteStats: bytes of produced pieces alive at
     once, as DCP drops them), so no machine load can move the figure: at most two pieces are

@@ -68,6 +68,26 @@ def test_gather_keeps_old_copies_twins_and_fills_fresh():
     assert w[0, 0] == 0
 
 
+@pytest.mark.parametrize("shape,dim", [((3, 5, 40), 2), ((3, 40, 5), 1), ((40, 70), 1),
+                                       ((40, 70), 0), ((40,), 0), ((2, 40, 3, 2), 1)])
+def test_select_along_is_index_select_whatever_the_runs(shape, dim):
+    """The fast gather (runs copied as slices, the rest indexed) against index_select itself,
+    on every kind of source map: appended twins, tiled, interleaved, reversed, random, long
+    and short runs mixed, and no growth at all."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(shape, generator=g)
+    n = shape[dim]
+    maps = {"appended": torch.cat([torch.arange(n), torch.randint(0, n, (n,), generator=g)]),
+            "tiled": torch.arange(3 * n) % n, "interleaved": torch.arange(2 * n) // 2,
+            "reversed": torch.arange(n).flip(0), "random": torch.randint(0, n, (n,), generator=g),
+            "runs mixed": torch.cat([torch.arange(5, 17), torch.tensor([3, 0, 9]),
+                                     torch.arange(20, 40), torch.tensor([1])]) % n,
+            "identity": torch.arange(n)}
+    for name, index in maps.items():
+        got = width.select_along(t, dim, index)
+        assert got.is_contiguous() and torch.equal(got, t.index_select(dim, index)), name
+
+
 def test_empirical_and_normal_fills_follow_each_unit_slice():
     g = torch.Generator().manual_seed(1)
     w = torch.stack([torch.randn(8, 16, generator=g) * 0.01, torch.randn(8, 16, generator=g) * 5])
@@ -329,3 +349,22 @@ def test_zero_draws_incoming_weights_as_megatron_inits_and_zeroes_outgoing(tied)
         assert float(drawn.std()) == pytest.approx(std, rel=0.03)
     gains = grower.grow("decoder.final_layernorm.weight", torch.ones(64))
     assert torch.equal(gains[64:], torch.zeros(64) if tied else torch.ones(64))
+
+
+def test_keep_old_is_gather_with_every_new_element_zeroed():
+    """SPARKLING's moment reset without copying what it zeroes, against its definition; the
+    old elements in one block, in two (moved, as in a fused layout), twins and fresh units."""
+    g = torch.Generator().manual_seed(0)
+    moved = UnitMap(4, 8, torch.tensor([0, 1, -1, 3, 2, 0, 1, 2]),
+                    torch.tensor([False, False, True, False, False, True, True, True]))
+    for maps in ([twins(3, 6, [0, 2, 1]), UnitMap.identity(4)],
+                 [UnitMap.identity(5), UnitMap.append(4, 8)],
+                 [twins(3, 5, [1, 1]), twins(4, 6, [3, -1])],
+                 [moved, twins(2, 3, [1])],
+                 [UnitMap.identity(3), UnitMap.identity(2)]):
+        t = torch.randn([m.old for m in maps], generator=g)
+        expected = width.gather(t, maps)
+        new = width.axis_mask(maps, fresh=False)
+        if new is not None:
+            expected.masked_fill_(new, 0.0)
+        assert torch.equal(width.keep_old(t, maps), expected)

@@ -16,6 +16,8 @@ import copy
 import dataclasses
 import multiprocessing
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -318,12 +320,24 @@ def _pool() -> concurrent.futures.ProcessPoolExecutor:
         saved = {k: os.environ.pop(k) for k in env_keys if k in os.environ}
         try:
             _POOL = concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"))
+                1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent, initargs=(os.getpid(),))
             _POOL.submit(_prepare_worker).result()  # start it now, with this environment
         finally:
             os.environ.update(saved)
         atexit.register(_POOL.shutdown)
     return _POOL
+
+
+def _exit_with_parent(parent: int) -> None:
+    """The worker's initializer: end it once `parent` is gone. A killed converter must not leave
+    its worker behind, and the worker never reads EOF (it holds both ends of its task queue)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def build_layouts(args, ranks, with_optimizer: bool = True, exact: bool = True) -> list:

@@ -61,16 +61,20 @@ class WriteStats:
     peak_held_bytes: int = 0
     pieces: int = 0
     digests: dict = field(default_factory=dict)
+    # pieces are made in one thread (_ProduceAhead) and dropped in another
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def hold(self, tensor: torch.Tensor) -> None:
         n = tensor.numel() * tensor.element_size()
-        self.held_bytes += n
-        self.pieces += 1
-        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        with self._lock:
+            self.held_bytes += n
+            self.pieces += 1
+            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
         weakref.finalize(tensor, self._drop, n)
 
     def _drop(self, n: int) -> None:
-        self.held_bytes -= n
+        with self._lock:
+            self.held_bytes -= n
 
 
 def first_failure(exc: BaseException) -> BaseException:
@@ -113,8 +117,53 @@ def _stream_order(item: tuple) -> tuple:
             key)
 
 
+class _ProduceAhead:
+    """Makes the pieces in a background thread, one ahead of the writer, in the order the
+    writer will ask for them: reading the source and the growth arithmetic (torch and file
+    reads release the GIL) overlap DCP's serialisation and writes. One thread, in order: `make`
+    sees the same sequence as without it (integrity.ValueChecks pairs neighbours), and at most
+    two pieces are alive at once (the one written, the one made ahead)."""
+
+    def __init__(self, make: Callable, order: list):
+        self._make = make
+        self._order = order
+        self._pieces: queue.Queue = queue.Queue()
+        self._turn = threading.Semaphore(1)   # released when the writer takes a piece
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="produce-ahead")
+        self._thread.start()
+
+    def _run(self) -> None:
+        for key, layer in self._order:
+            self._turn.acquire()
+            if self._stop:
+                return
+            try:
+                self._pieces.put((key, layer, self._make(key, layer), None))
+            except BaseException as e:   # raised again in the writer's thread, by `take`
+                self._pieces.put((key, layer, None, e))
+                return
+
+    def take(self, key: str, layer) -> torch.Tensor:
+        made_key, made_layer, piece, failure = self._pieces.get()
+        self._turn.release()
+        if failure is not None:
+            raise failure
+        if (made_key, made_layer) != (key, layer):   # DCP's order is not the plan's
+            raise RuntimeError(f"the writer asked for {key} layer {layer} but {made_key} layer "
+                               f"{made_layer} was made next")
+        return piece
+
+    def close(self) -> None:
+        """Stop (after a failure the writer asks for nothing more) and let the thread end."""
+        self._stop = True
+        self._turn.release()
+        self._thread.join()
+
+
 class _StreamingSavePlanner(DefaultSavePlanner):
-    """DCP save planner whose tensor chunks are produced on demand in `resolve_data`."""
+    """DCP save planner whose tensor chunks are produced on demand (`_ProduceAhead`, in the
+    final plan's order, started by `finish_plan`) and handed out in `resolve_data`."""
 
     def __init__(self, specs: dict, items: list, produce, objects: dict, progress=None,
                  stats: WriteStats | None = None, finish: Callable | None = None):
@@ -127,6 +176,7 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         self._produce = produce
         self._objects = objects
         self._progress = progress
+        self._ahead: _ProduceAhead | None = None
 
     def create_local_plan(self) -> SavePlan:
         writes = []
@@ -149,30 +199,53 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         self.plan = SavePlan(writes)
         return self.plan
 
-    def resolve_data(self, write_item):
-        key = write_item.index.fqn
-        if write_item.type == WriteItemType.BYTE_IO:
-            # already megatron-core's serialized form (torch.save([data])): written as is
-            return io.BytesIO(self._objects[key])
-        spec, chunk = self._specs[key], write_item.tensor_data.chunk
-        layer = None if write_item.type == WriteItemType.TENSOR else int(chunk.offsets[0])
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        plan = super().finish_plan(new_plan)
+        order = [(item.index.fqn, _layer_of(item)) for item in plan.items
+                 if item.type != WriteItemType.BYTE_IO]
+        self._ahead = _ProduceAhead(self._make, order)
+        return plan
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+
+    def _make(self, key: str, layer) -> torch.Tensor:
+        """One piece, checked against its declaration, as DCP writes it (the chunk's shape)."""
+        spec = self._specs[key]
         tensor = self._produce(key, layer)
-        self._produced += 1
-        if self._produced == len(self._items) and self._finish is not None:
-            self._finish()   # a failure here still fails the save on every rank
-        expected = tuple(chunk.sizes) if layer is None else tuple(chunk.sizes)[1:]
+        expected = tuple(spec.shape) if layer is None else tuple(spec.shape[1:])
         if tuple(tensor.shape) != expected or tensor.dtype != spec.dtype:
             where = "" if layer is None else f" layer {layer}"
             raise ProducedTensorError(
                 f"{key}{where}: produced {tuple(tensor.shape)} {tensor.dtype}, the checkpoint "
                 f"declares {expected} {spec.dtype}")
-        if self._progress is not None:
-            self._progress.update(tensor.numel() * tensor.element_size())
-            self._progress.set_postfix_str(key[-60:], refresh=False)
-        out = tensor.detach().to("cpu").contiguous().view(tuple(chunk.sizes))
+        out = tensor.detach().to("cpu").contiguous()
+        out = out if layer is None else out.unsqueeze(0)
         if self._stats is not None:
             self._stats.hold(out)
         return out
+
+    def resolve_data(self, write_item):
+        key = write_item.index.fqn
+        if write_item.type == WriteItemType.BYTE_IO:
+            # already megatron-core's serialized form (torch.save([data])): written as is
+            return io.BytesIO(self._objects[key])
+        tensor = self._ahead.take(key, _layer_of(write_item))
+        self._produced += 1
+        if self._produced == len(self._items) and self._finish is not None:
+            self._finish()   # a failure here still fails the save on every rank
+        if self._progress is not None:
+            self._progress.update(tensor.numel() * tensor.element_size())
+            self._progress.set_postfix_str(key[-60:], refresh=False)
+        return tensor
+
+
+def _layer_of(write_item) -> int | None:
+    """The layer of a per-layer piece (a SHARD: one leading-axis slice), None for a tensor."""
+    if write_item.type == WriteItemType.TENSOR:
+        return None
+    return int(write_item.tensor_data.chunk.offsets[0])
 
 
 def split_among_ranks(items: list, world: int) -> list[list]:
@@ -303,9 +376,9 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
     stats = WriteStats()
     failure = None
     sync = _SyncBehind(digest)
+    planner = _StreamingSavePlanner(specs, mine, produce, objects if rank == 0 else {}, bar,
+                                    stats, finish)
     try:
-        planner = _StreamingSavePlanner(specs, mine, produce, objects if rank == 0 else {}, bar,
-                                        stats, finish)
         # one item per file: FileSystemWriter keeps a file's tensors alive until it is closed
         writer = _SyncBehindWriter(directory, sync, single_file_per_rank=False,
                                    thread_count=1, overwrite=False)
@@ -313,6 +386,7 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
     except CheckpointException as e:
         failure = first_failure(e)
     finally:
+        planner.close()
         if bar is not None:
             bar.close()
         try:

@@ -44,14 +44,11 @@ def grow_state(state: torch.Tensor, maps: Sequence[UnitMap], kind: str, rule: st
                          "params follow the weight rule)")
     if rule not in STATE_RULES:
         raise ValueError(f"unknown optimizer-state rule {rule!r}; one of {STATE_RULES}")
-    grown = width.gather(state, maps)
     if rule == "zero_all":
-        return grown.zero_()
+        return torch.zeros([m.new for m in maps], dtype=state.dtype)
     if rule == "reset_new":
-        new = width.axis_mask(maps, fresh=False)
-        if new is not None:
-            grown.masked_fill_(new, 0.0)
-        return grown
+        return width.keep_old(state, maps)
+    grown = width.gather(state, maps)
     fresh = width.axis_mask(maps, fresh=True)
     if fresh is not None:
         grown.masked_fill_(fresh, 0.0)

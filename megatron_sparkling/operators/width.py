@@ -12,6 +12,7 @@ which source index it copies (-1: a fresh element with no twin). Growing a tenso
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence, Union
 
@@ -31,8 +32,76 @@ def gather(tensor: torch.Tensor, maps: Sequence[UnitMap]) -> torch.Tensor:
     for d, m in enumerate(maps):
         assert m.old == tensor.shape[d], f"dim {d}: tensor has {tensor.shape[d]}, map {m.old}"
         if m.grown or not torch.equal(m.source, torch.arange(m.new)):
-            out = out.index_select(d, m.source.clamp(min=0))
+            out = select_along(out, d, m.source.clamp(min=0))
     return out.clone() if out is tensor else out  # never an alias of the input
+
+
+# A run of consecutive sources at least this long is copied as one slice, not indexed.
+_MIN_RUN = 8
+
+
+def select_along(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """`tensor.index_select(dim, index)`, fast where index_select is slow: along a dimension
+    whose elements are short (< 64 elements behind each index, e.g. the last one of
+    contiguous CPU memory: there ~6x slower than advanced indexing), runs of consecutive
+    sources (an appended map's old units) are copied as slices and the rest is indexed."""
+    if math.prod(tensor.shape[dim + 1:]) >= 64:   # whole rows: index_select copies them fastest
+        return tensor.index_select(dim, index)
+    n = index.numel()
+    breaks = (index[1:] != index[:-1] + 1).nonzero().flatten() + 1 if n > 1 else index[:0]
+    bounds = [0] + breaks.tolist() + [n]
+    shape = list(tensor.shape)
+    shape[dim] = n
+    out = torch.empty(shape, dtype=tensor.dtype)
+    pending = None   # start of a stretch of short runs, indexed together
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi - lo >= _MIN_RUN:
+            if pending is not None:
+                out.narrow(dim, pending, lo - pending).copy_(_index(tensor, dim, index[pending:lo]))
+                pending = None
+            out.narrow(dim, lo, hi - lo).copy_(tensor.narrow(dim, int(index[lo]), hi - lo))
+        elif pending is None:
+            pending = lo
+    if pending is not None:
+        out.narrow(dim, pending, n - pending).copy_(_index(tensor, dim, index[pending:]))
+    return out
+
+
+def _index(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    return tensor[(slice(None),) * dim + (index,)]
+
+
+def keep_old(tensor: torch.Tensor, maps: Sequence[UnitMap]) -> torch.Tensor:
+    """`gather`, then zero wherever any coordinate is new (`axis_mask(maps, fresh=False)`),
+    without copying what is zeroed: zeros, and each block of old elements copied in place."""
+    old_positions = [(~m.is_new).nonzero().flatten() for m in maps]
+    runs = [_runs(pos) for pos in old_positions]
+    if math.prod(len(r) for r in runs) > 64:   # old elements scattered: mask instead
+        grown = gather(tensor, maps)
+        new = axis_mask(maps, fresh=False)
+        return grown if new is None else grown.masked_fill_(new, 0.0)
+    old = tensor
+    for d, (m, pos) in enumerate(zip(maps, old_positions)):
+        index = m.source[pos]
+        if not torch.equal(index, torch.arange(m.old)):   # old elements moved (fused layouts)
+            old = select_along(old, d, index)
+    out = torch.zeros([m.new for m in maps], dtype=tensor.dtype)
+    for block in itertools.product(*runs):
+        dst, src = out, old
+        for d, (start, length, offset) in enumerate(block):
+            dst, src = dst.narrow(d, start, length), src.narrow(d, offset, length)
+        dst.copy_(src)
+    return out
+
+
+def _runs(positions: torch.Tensor) -> list[tuple]:
+    """(start, length, offset among `positions`) of each run of consecutive positions."""
+    n = positions.numel()
+    if n == 0:
+        return []
+    breaks = ((positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1).tolist()
+    bounds = [0] + breaks + [n]
+    return [(int(positions[lo]), hi - lo, lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def axis_mask(maps: Sequence[UnitMap], fresh: bool) -> Optional[torch.Tensor]:
