@@ -404,10 +404,56 @@ def run_line(results: dict) -> str:
             f"{results['jobs']} process(es) x {results['threads']} thread(s)")
 
 
+# ---------------------------------------------------------------------- conversion speed
+CONVERT_HEADER = (f"{'model':>5} {'conversion':>10} {'ranks':>5} {'checkpoint':>11} "
+                  f"{'peak RSS/rank':>14} {'time':>7} {'MiB/s r+w':>9} {'cores':>5} "
+                  f"{'copy cold':>9} {'copy warm':>9} {'ratio':>6}")
+
+
+def convert_row(model: str, name: str, row: dict, checkpoint_bytes: int, copy: dict) -> str:
+    """One line of bench/convert.py's table: `name` is "<conversion>/<ranks or process>";
+    cores: the CPU seconds of all its ranks' threads per second of wall time."""
+    kind, ranks = name.split("/")
+    rss = "/".join(f"{b / 2 ** 20:.0f}" for b in row["peak_rss_bytes_per_rank"])
+    cores = f"{row['cpu_seconds'] / row['seconds']:.2f}" if "cpu_seconds" in row else "-"
+    return (f"{model:>5} {kind:>10} {'-' if ranks == 'process' else ranks:>5} "
+            f"{checkpoint_bytes / 2 ** 20:>7.0f} MiB {rss:>10} MiB {row['seconds']:>6.1f}s "
+            f"{row['mib_per_s']:>9.1f} {cores:>5} {copy['cold']['mib_per_s']:>9.1f} "
+            f"{copy['warm']['mib_per_s']:>9.1f} {row['ratio_to_cold_copy']:>6.2f}")
+
+
+def convert_summary(result: dict) -> list[str]:
+    """The figures bench/convert.py derives from its table (RSS growth, 2-rank speed-up)."""
+    lines = []
+    m = result["models"]
+    if "small" in m and "large" in m:
+        growth = result["peak_rss_growth_small_to_large"]
+        lines.append(f"checkpoint grew {m['large']['checkpoint_bytes'] / m['small']['checkpoint_bytes']:.2f}x "
+                     "small -> large; converter peak RSS grew "
+                     + ", ".join(f"{g:.2f}x ({k.split('/')[0]})" for k, g in growth.items()))
+    for kind, speedup in result.get("speedup_2_ranks", {}).items():
+        lines.append(f"xl {kind}: 2 ranks {speedup:.2f}x the speed of 1 rank (torchrun); ratio "
+                     f"to the cold copy at 2 ranks "
+                     f"{m['xl']['conversions'][f'{kind}/2']['ratio_to_cold_copy']:.2f}")
+    return lines
+
+
+def convert_table(result: dict) -> str:
+    """bench/convert.py's table and summary from its JSON (the README's conversion block)."""
+    minutes, seconds = divmod(int(round(result["wall_seconds"])), 60)
+    lines = [f"    {result['command']}    # {minutes} min {seconds:02d} s", "", "    " + CONVERT_HEADER]
+    for model, m in result["models"].items():
+        lines += ["    " + convert_row(model, name, row, m["checkpoint_bytes"], m["copy"])
+                  for name, row in m["conversions"].items()]
+    lines += [""] + ["    " + line for line in convert_summary(result)]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- README blocks
 # <!-- generated: RENDERER FILE.json --> ... <!-- end generated -->: the text between is
 # RENDERERS[RENDERER](json of FILE) exactly (FILE relative to the README's folder).
-RENDERERS = {"progressive-summary": summary_table, "progressive-run": run_line}
+RENDERERS = {"progressive-summary": summary_table, "progressive-run": run_line,
+             "convert": convert_table}
 BLOCK = re.compile(r"<!-- generated: (\S+) (\S+) -->\n(.*?)<!-- end generated -->", re.S)
 
 

@@ -18,12 +18,16 @@ root needed, other processes' cache untouched); the copy is timed cold the same 
 (source read once just before), and the ratio is to the cold copy. The `xl` conversions also run
 under torchrun at 1 and 2 ranks (gloo; work split by writer.split_among_ranks): the speed-up of
 2 ranks over 1. Peak RSS per rank: the RSS high-water mark (reset via /proc/self/clear_refs once
-the source is open) above the RSS at that point. The integrity checks (checkpoint/integrity.py)
+the source is open) above the RSS at that point. Cores: the CPU seconds (user + system, every
+thread of every rank) per second of the conversion; on this 2-core machine, where one process
+already keeps more than one core busy (its pieces are made in a thread ahead of the writer, files
+are synced and checksummed in another), that bounds what a second rank can add. The integrity checks (checkpoint/integrity.py)
 are timed against the same conversion without them (`--no-checks`), alternated 3 times.
 """
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +37,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+
+import analysis  # noqa: E402
 
 SIZES = {  # small -> large: 4x the parameters (experts dominate: 4x the layers); xl >= 2 GiB
     "small": dict(num_layers=2, hidden_size=256, moe_ffn_hidden_size=1024, num_experts=8),
@@ -47,6 +53,12 @@ def _vm(field: str) -> int:
         if line.startswith(field):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _files(root: str):
@@ -110,6 +122,7 @@ def measure(load: str, save: str, sizes: dict = None, checks: bool = True) -> di
         dist.barrier()
     open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark
     base = _vm("VmRSS:")
+    cpu = _cpu_seconds()
     start = time.time()
     stage = StagedIteration(req.save, conv.common["iteration"])
     box = [stage.prepare() if rank == 0 else None]
@@ -123,7 +136,8 @@ def measure(load: str, save: str, sizes: dict = None, checks: bool = True) -> di
     if dist.is_initialized():
         dist.barrier()
     seconds = time.time() - start
-    out = {"rank": rank, "world": world, "peak_bytes": _vm("VmHWM:") - base,
+    cpu = _cpu_seconds() - cpu
+    out = {"rank": rank, "cpu_seconds": cpu, "world": world, "peak_bytes": _vm("VmHWM:") - base,
            "rss_before_bytes": base, "peak_held_bytes": stats.peak_held_bytes, "checks": checks,
            "largest_tensor_bytes": max(s.nbytes for s in conv.specs.values()),
            "largest_piece_bytes": max(n for _, _, n in pieces),
@@ -180,6 +194,7 @@ def run_conversion(src: str, dst: str, sizes: dict = None, checks: bool = True,
     return {"seconds": max(r["seconds"] for r in per_rank), "io_bytes": first["io_bytes"],
             "mib_per_s": first["io_bytes"] / MIB / max(r["seconds"] for r in per_rank),
             "peak_rss_bytes_per_rank": [r["peak_bytes"] for r in per_rank],
+            "cpu_seconds": sum(r["cpu_seconds"] for r in per_rank),
             "bytes_per_rank": [r["rank_bytes"] for r in per_rank],
             "open_seconds": max(r["open_seconds"] for r in per_rank),
             "largest_piece_bytes": first["largest_piece_bytes"],
@@ -237,9 +252,7 @@ def main(checks_only: bool = False, out: str = "", models=None) -> None:
                 with open(out, "w") as f:
                     json.dump({"integrity_checks": c}, f, indent=1)
             return
-        print(f"{'model':>5} {'conversion':>10} {'ranks':>5} {'checkpoint':>11} "
-              f"{'peak RSS/rank':>14} {'time':>7} {'MiB/s r+w':>9} {'copy cold':>9} "
-              f"{'copy warm':>9} {'ratio':>6}", flush=True)
+        print(analysis.CONVERT_HEADER, flush=True)
         result = {"models": {}, "command": "python bench/convert.py"}
         for name in models:
             src = os.path.join(tmp, name)
@@ -254,11 +267,8 @@ def main(checks_only: bool = False, out: str = "", models=None) -> None:
                 r["ratio_to_cold_copy"] = r["mib_per_s"] / copy["cold"]["mib_per_s"]
                 r["ratio_to_warm_copy"] = r["mib_per_s"] / copy["warm"]["mib_per_s"]
                 rows[f"{kind}/{ranks or 'process'}"] = r
-                rss = "/".join(f"{b / MIB:.0f}" for b in r["peak_rss_bytes_per_rank"])
-                print(f"{name:>5} {kind:>10} {ranks or '-':>5} {dir_bytes(src) / MIB:>7.0f} MiB "
-                      f"{rss:>10} MiB {r['seconds']:>6.1f}s {r['mib_per_s']:>9.1f} "
-                      f"{copy['cold']['mib_per_s']:>9.1f} {copy['warm']['mib_per_s']:>9.1f} "
-                      f"{r['ratio_to_cold_copy']:>6.2f}", flush=True)
+                print(analysis.convert_row(name, f"{kind}/{ranks or 'process'}", r,
+                                           dir_bytes(src), copy), flush=True)
             result["models"][name] = {"checkpoint_bytes": dir_bytes(src), "copy": copy,
                                       "conversions": rows}
             if name == "large":
@@ -270,18 +280,13 @@ def main(checks_only: bool = False, out: str = "", models=None) -> None:
             result["speedup_2_ranks"] = {
                 kind: c[f"{kind}/1"]["seconds"] / c[f"{kind}/2"]["seconds"]
                 for kind, _ in _kinds(SIZES["xl"])}
-            for kind, s in result["speedup_2_ranks"].items():
-                print(f"xl {kind}: 2 ranks {s:.2f}x the speed of 1 rank (torchrun); "
-                      f"ratio to the cold copy at 2 ranks "
-                      f"{c[f'{kind}/2']['ratio_to_cold_copy']:.2f}", flush=True)
         if "small" in m and "large" in m:
             s, l = m["small"]["conversions"], m["large"]["conversions"]
-            growth = {k: max(l[k]["peak_rss_bytes_per_rank"]) / max(s[k]["peak_rss_bytes_per_rank"])
-                      for k in s}
-            result["peak_rss_growth_small_to_large"] = growth
-            print(f"checkpoint grew {m['large']['checkpoint_bytes'] / m['small']['checkpoint_bytes']:.2f}x "
-                  f"small -> large; converter peak RSS grew "
-                  + ", ".join(f"{g:.2f}x ({k})" for k, g in growth.items()), flush=True)
+            result["peak_rss_growth_small_to_large"] = {
+                k: max(l[k]["peak_rss_bytes_per_rank"]) / max(s[k]["peak_rss_bytes_per_rank"])
+                for k in s}
+        for line in analysis.convert_summary(result):
+            print(line, flush=True)
         if "integrity_checks" in result:
             c = result["integrity_checks"]
             print(f"integrity checks (large, format, min of 3): {c['with_s']:.2f} s with, "
