@@ -404,6 +404,33 @@ def run_line(results: dict) -> str:
             f"{results['jobs']} process(es) x {results['threads']} thread(s)")
 
 
+# ---------------------------------------------------------------------- progressive depth
+def depth_table(results: dict) -> str:
+    """bench/depth.py's table: each run's final loss against the fixed-depth run's, its total
+    FLOPs, the saving, and the saving at equal loss (matched_saving)."""
+    runs = results["runs"]
+    fixed = runs["fixed"]["curve"]
+    rows = ["| run | final loss | vs fixed | total FLOPs | saving | saving at equal loss |",
+            "|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        curve = run["curve"]
+        diff = curve[-1]["loss"] / fixed[-1]["loss"] - 1
+        total = 1 - curve[-1]["flops"] / fixed[-1]["flops"]
+        equal = matched_saving(curve, fixed)
+        rows.append(f"| {name} | {curve[-1]['loss']:.4f} | {diff:+.2%} | {curve[-1]['flops']:.3e}"
+                    f" | {total:+.1%} | {'—' if equal is None else f'{equal:+.1%}'} |")
+    return "\n".join(rows)
+
+
+def depth_block(results: dict) -> str:
+    """The README's block for one bench/depth.py run: its command and time, then its table."""
+    minutes, seconds = divmod(int(round(results["seconds"])), 60)
+    return "\n".join([
+        f"Growth at {results['grow_at']:.0%} (iteration {results['grow_iteration']} of "
+        f"{results['train_iters']}): `{results['command']}`, {minutes} min {seconds:02d} s", "",
+        depth_table(results)])
+
+
 # ---------------------------------------------------------------------- conversion speed
 CONVERT_HEADER = (f"{'model':>5} {'conversion':>10} {'ranks':>5} {'checkpoint':>11} "
                   f"{'peak RSS/rank':>14} {'time':>7} {'MiB/s r+w':>9} {'cores':>5} "
@@ -453,7 +480,7 @@ def convert_table(result: dict) -> str:
 # <!-- generated: RENDERER FILE.json --> ... <!-- end generated -->: the text between is
 # RENDERERS[RENDERER](json of FILE) exactly (FILE relative to the README's folder).
 RENDERERS = {"progressive-summary": summary_table, "progressive-run": run_line,
-             "convert": convert_table}
+             "convert": convert_table, "depth": depth_block}
 BLOCK = re.compile(r"<!-- generated: (\S+) (\S+) -->\n(.*?)<!-- end generated -->", re.S)
 
 

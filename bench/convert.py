@@ -69,6 +69,12 @@ def dir_bytes(root: str) -> int:
     return sum(os.path.getsize(p) for p in _files(root))
 
 
+def settle() -> None:
+    """Write back every dirty page first (the last run's output, a just-built source), so that
+    no run is timed while the disk still flushes the one before."""
+    os.sync()
+
+
 def evict(root: str) -> None:
     """Drop `root`'s files from the page cache (clean pages; fsynced first to be sure)."""
     for path in _files(root):
@@ -180,6 +186,7 @@ def run_conversion(src: str, dst: str, sizes: dict = None, checks: bool = True,
     the figures of every rank, the output removed again."""
     from conftest import free_port
 
+    settle()
     evict(src)
     cmd = [sys.executable] + _args(src, dst, sizes, checks)
     if ranks:
@@ -205,6 +212,7 @@ def copy_rates(src: str, tmp: str) -> dict:
     """MiB/s (read + written) of a plain fsynced copy: cold (source evicted) and warm."""
     out = {}
     for state in ("cold", "warm"):
+        settle()
         evict(src)
         if state == "warm":
             warm(src)

@@ -56,21 +56,6 @@ def run_one(bench, name: str, grow_at: float) -> dict:
             "curve": bench._curve(trainer), "seconds": time.time() - t0}
 
 
-def table(results: dict) -> str:
-    runs = results["runs"]
-    fixed = runs["fixed"]["curve"]
-    rows = ["| run | final loss | vs fixed | total FLOPs | saving | saving at equal loss |",
-            "|---|---|---|---|---|---|"]
-    for name, run in runs.items():
-        curve = run["curve"]
-        diff = curve[-1]["loss"] / fixed[-1]["loss"] - 1
-        total = 1 - curve[-1]["flops"] / fixed[-1]["flops"]
-        equal = analysis.matched_saving(curve, fixed)
-        rows.append(f"| {name} | {curve[-1]['loss']:.4f} | {diff:+.2%} | {curve[-1]['flops']:.3e}"
-                    f" | {total:+.1%} | {'—' if equal is None else f'{equal:+.1%}'} |")
-    return "\n".join(rows)
-
-
 def report(results: dict, out: str) -> str:
     text = "\n".join([
         f"# Zero/one-layer progressive depth vs fixed depth ({results['mode']} mode)", "",
@@ -79,7 +64,7 @@ def report(results: dict, out: str) -> str:
         f"schedule, growth at iteration {results['grow_iteration']} ({results['grow_at']:.0%}). "
         "Saving = 1 - total FLOPs / the fixed run's; at equal loss = 1 - total FLOPs / the fixed "
         "run's FLOPs to first reach this run's final loss (— when it never did).", "",
-        table(results), ""])
+        analysis.depth_table(results), ""])
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     return text

@@ -2,6 +2,7 @@
 writer in a background thread; a failure on either side ends the write with its own error and
 leaves no thread behind."""
 import errno
+import os
 import threading
 
 import pytest
@@ -85,3 +86,16 @@ def test_a_write_that_fails_stops_the_thread_making_pieces(tmp_path, monkeypatch
                          progress=False)
     assert len(written) == 1 and 2 <= len(made) <= 3   # the writer's, and at most one ahead
     assert not _ahead_threads()
+
+
+def test_the_digests_taken_as_files_are_written_are_those_of_the_files(tmp_path):
+    """Each data file's checksum is taken from the bytes on their way to it (no second read):
+    the same as reading the file back."""
+    from megatron_sparkling.checkpoint import integrity
+
+    stats = write_torch_dist(str(tmp_path), SPECS, _value, {}, {}, layered={"stacked": True},
+                             progress=False, digest=integrity.Crc32)
+    data_files = sorted(n for n in os.listdir(tmp_path) if n.endswith(".distcp"))
+    assert sorted(stats.digests) == data_files and len(data_files) == len(SPECS) + 2
+    for name, value in stats.digests.items():
+        assert value == integrity.file_checksum(str(tmp_path / name)), name

@@ -441,7 +441,7 @@ class Conversion:
         """Stream every tensor into `staging` (collective under torchrun: each rank writes its
         share); returns the seal that writes the manifest at commit (rank 0), or None. The
         source is checksummed in a background thread while the tensors stream (each rank its
-        share of the files), the written files as each is synced; the ranks' parts are merged."""
+        share of the files), the written files as they are written; the ranks' parts are merged."""
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -453,7 +453,7 @@ class Conversion:
                                      layered=self.layered(), progress=progress,
                                      desc="growing" if self.grown else "converting",
                                      finish=self.stream.finish,
-                                     digest=integrity.file_checksum if manifest else None)
+                                     digest=integrity.Crc32 if manifest else None)
             parts = [(read.result(), stats.digests)] if manifest else None
         finally:
             if pool is not None:

@@ -34,14 +34,27 @@ class CorruptCheckpointError(CheckpointError):
 
 
 # ---------------------------------------------------------------------------- manifest
+class Crc32:
+    """A running checksum of one file as the manifest keeps it: bytes and zlib's CRC-32."""
+
+    def __init__(self):
+        self.crc, self.size = 0, 0
+
+    def update(self, data) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += memoryview(data).nbytes
+
+    def value(self) -> tuple[int, str]:
+        return self.size, f"{self.crc:08x}"
+
+
 def file_checksum(path: str) -> tuple[int, str]:
     """(bytes, CRC-32 as 8 hex digits) of one file."""
-    crc, size = 0, 0
+    running = Crc32()
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
-            crc = zlib.crc32(block, crc)
-            size += len(block)
-    return size, f"{crc:08x}"
+            running.update(block)
+    return running.value()
 
 
 def checksums(directory: str, share: tuple = (0, 1), known: Optional[dict] = None) -> dict:

@@ -266,13 +266,14 @@ def split_among_ranks(items: list, world: int) -> list[list]:
 
 class _SyncBehind:
     """fsync each file DCP has finished writing in a background thread, while the next piece is
-    produced and written (os.fsync releases the GIL), then `digest(path)` it if asked (e.g. a
-    checksum, read back from the page cache); `join` waits for all, re-raises the first failure
-    and returns the digests by path. A duplicated descriptor is synced, so a file renamed
-    meanwhile (DCP's `.metadata.tmp`, not digested) is synced too."""
+    produced and written (os.fsync releases the GIL), and keep its digest (taken as it was
+    written, `_DigestedStream`; none where that was spoiled: the manifest reads the file); `join`
+    waits for all, re-raises the first failure and returns the digests by path. A duplicated
+    descriptor is synced, so a file renamed meanwhile (DCP's `.metadata.tmp`, not digested) is
+    synced too."""
 
     def __init__(self, digest: Callable | None = None):
-        self._digest = digest
+        self.digest = digest
         self.digests: dict = {}
         self._queue: queue.Queue = queue.Queue()
         self._failure: BaseException | None = None
@@ -281,20 +282,21 @@ class _SyncBehind:
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            fd, path = job
+            fd, path, value = job
             try:
                 if self._failure is None:
                     os.fsync(fd)
-                    if self._digest is not None and not path.endswith(".tmp"):
-                        self.digests[path] = self._digest(path)
+                    if value is not None and not path.endswith(".tmp"):
+                        self.digests[path] = value
             except OSError as e:
                 self._failure = e
             finally:
                 os.close(fd)
 
-    def add(self, fd: int, path: str) -> None:
-        """Sync, then close, descriptor `fd` (a duplicate of written file `path`'s)."""
-        self._queue.put((fd, path))
+    def add(self, fd: int, path: str, value=None) -> None:
+        """Sync, then close, descriptor `fd` (a duplicate of written file `path`'s); `value`:
+        the file's digest, if taken."""
+        self._queue.put((fd, path, value))
 
     def join(self) -> dict:
         self._queue.put(None)
@@ -304,8 +306,31 @@ class _SyncBehind:
         return self.digests
 
 
+class _DigestedStream:
+    """A file as DCP writes it, each block fed to a running digest on its way to the file (no
+    second read). DCP only appends; a seek spoils the digest (integrity.checksums then reads the
+    file)."""
+
+    def __init__(self, stream, running):
+        self._stream = stream
+        self.running = running
+
+    def write(self, data) -> int:
+        if self.running is not None:
+            self.running.update(data)
+        return self._stream.write(data)
+
+    def seek(self, *args):
+        self.running = None
+        return self._stream.seek(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 class _SyncBehindWriter(FileSystemWriter):
-    """FileSystemWriter whose files are fsynced behind the writing (`_SyncBehind`), not inline."""
+    """FileSystemWriter whose files are digested as written and fsynced behind the writing
+    (`_SyncBehind`), not inline."""
 
     def __init__(self, path: str, sync: _SyncBehind, **kwargs):
         super().__init__(path, sync_files=False, **kwargs)
@@ -313,14 +338,18 @@ class _SyncBehindWriter(FileSystemWriter):
 
         @contextlib.contextmanager
         def create_stream(path, mode):
-            fd = None
+            fd, digested = None, None
             try:
                 with create(path, mode) as stream:
-                    fd = os.dup(stream.fileno()) if "w" in mode else None  # DCP closes `stream`
+                    if "w" in mode:
+                        fd = os.dup(stream.fileno())   # DCP closes `stream`
+                        if sync.digest is not None:
+                            stream = digested = _DigestedStream(stream, sync.digest())
                     yield stream
             finally:
                 if fd is not None:
-                    sync.add(fd, str(path))
+                    running = digested.running if digested is not None else None
+                    sync.add(fd, str(path), running.value() if running is not None else None)
         self.fs.create_stream = create_stream
 
 
@@ -349,8 +378,9 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
     None) or one layer slice of it (without the leading axis) for keys marked in `layered`;
     `objects`: {unique key: bytes} of ShardedObjects (written by rank 0); `common`: the common
     state dict (rank 0 writes common.pt); `finish()`: called after this rank's last piece is
-    produced, before the save completes (what checks the produced stream); `digest(path)`: run
-    on each data file this rank wrote once it is synced (WriteStats.digests). Collective under torch.distributed (same arguments).
+    produced, before the save completes (what checks the produced stream); `digest()`: a new
+    running digest (`update(bytes)`, `value()`, e.g. integrity.Crc32) fed each data file this
+    rank writes as it is written (WriteStats.digests). Collective under torch.distributed (same arguments).
 
     The result is what megatron-core's dist_checkpointing loads at ANY TP/EP/PP/DP layout:
     - `.metadata` + `__R_K.distcp`: every tensor under its global key with its global shape
