@@ -9,9 +9,11 @@ loop, with a warmup-stable-decay schedule (decay over the last 10% of iterations
 - the same run started at 0 layers (new layers fresh, as the paper prefers from 0) and at 1 layer
   (new layers copy it), grown in process to the full depth at --grow-at of the budget (default
   0.8: inside the stable phase), same learning rate and weight decay after growth.
-Same data order and seed for all. FLOPs are counted from the model actually run. Writes
-results.json, depth.png (validation loss against FLOPs) and results.md (final validation loss,
-its difference to the fixed run, total FLOPs, saving, and the saving at equal final loss).
+Same data order and seed for all, and deterministic (bench/progressive.py's rule: --threads
+intra-op threads, deterministic kernels): the same command gives the same figures. FLOPs are
+counted from the model actually run. Writes results.json, depth.png (validation loss against
+FLOPs) and results.md (final validation loss, its difference to the fixed run, total FLOPs,
+saving, and the saving at equal final loss).
 """
 from __future__ import annotations
 
@@ -116,12 +118,14 @@ def main(argv=None) -> int:
     if not corpus.exists(a.data_path):
         corpus.build(corpus.stdlib_files(corpus.default_source_dir()), a.data_path)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 200))
+    width_bench.deterministic_process(a.threads)   # the same command, the same figures
     t0 = time.time()
     bench = width_bench.Bench(cfg, a.data_path, a.out, a.grow_at, extra_flags=wsd_flags(cfg))
     results = {"mode": "full" if a.full else "quick",
                "command": " ".join(["python", "bench/depth.py"] + sys.argv[1:]),
                "grow_at": a.grow_at, "grow_iteration": bench.grow_iteration,
-               "train_iters": cfg["train_iters"], "config": cfg, "runs": {}}
+               "train_iters": cfg["train_iters"], "config": cfg, "threads": a.threads,
+               "runs": {}}
     try:
         for name in a.runs:
             results["runs"][name] = run_one(bench, name, a.grow_at)

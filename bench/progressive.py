@@ -648,6 +648,8 @@ def bench_parser(description: str, name: str, quick_help: str,
     mode.add_argument("--full", action="store_true", help="bigger models (for a GPU)")
     p.add_argument("--data-path", default=os.path.join(REPO, "data", "stdlib_text_document"))
     p.add_argument("--out", default=os.path.join(REPO, "runs", name))
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads in every process (default 1); part of the result")
     p.add_argument("--wandb-project", default=None,
                    help="log every run's curve and figures to wandb (WANDB_MODE=offline works)")
     return p
@@ -759,8 +761,6 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None,
                    help="processes at once (default: the CPU cores; 1 in full mode); the "
                         "figures do not depend on it")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads in every process (default 1); part of the result")
     p.add_argument("--cache", default=None,
                    help="folder of reusable narrow and scratch runs (default: <out>/cache)")
     p.add_argument("--publish", default=None, metavar="PREFIX",

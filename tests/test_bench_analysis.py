@@ -174,8 +174,6 @@ def test_readme_generated_blocks_match_their_result_files():
     assert analysis.check_blocks(_readme(), ROOT) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: the README's Results tables predate committed "
-                   "result files; remove this mark once they are generated blocks")
 def test_every_readme_results_table_is_generated():
     assert analysis.tables_outside_blocks(_readme()) == []
 
