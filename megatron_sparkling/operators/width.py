@@ -48,20 +48,18 @@ def select_along(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.T
     if math.prod(tensor.shape[dim + 1:]) >= 64:   # whole rows: index_select copies them fastest
         return tensor.index_select(dim, index)
     n = index.numel()
-    breaks = (index[1:] != index[:-1] + 1).nonzero().flatten() + 1 if n > 1 else index[:0]
-    bounds = [0] + breaks.tolist() + [n]
     shape = list(tensor.shape)
     shape[dim] = n
     out = torch.empty(shape, dtype=tensor.dtype)
     pending = None   # start of a stretch of short runs, indexed together
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi - lo >= _MIN_RUN:
+    for first, length, at in _runs(index):
+        if length >= _MIN_RUN:
             if pending is not None:
-                out.narrow(dim, pending, lo - pending).copy_(_index(tensor, dim, index[pending:lo]))
+                out.narrow(dim, pending, at - pending).copy_(_index(tensor, dim, index[pending:at]))
                 pending = None
-            out.narrow(dim, lo, hi - lo).copy_(tensor.narrow(dim, int(index[lo]), hi - lo))
+            out.narrow(dim, at, length).copy_(tensor.narrow(dim, first, length))
         elif pending is None:
-            pending = lo
+            pending = at
     if pending is not None:
         out.narrow(dim, pending, n - pending).copy_(_index(tensor, dim, index[pending:]))
     return out
@@ -95,7 +93,7 @@ def keep_old(tensor: torch.Tensor, maps: Sequence[UnitMap]) -> torch.Tensor:
 
 
 def _runs(positions: torch.Tensor) -> list[tuple]:
-    """(start, length, offset among `positions`) of each run of consecutive positions."""
+    """(first value, length, offset in `positions`) of each run of consecutive values."""
     n = positions.numel()
     if n == 0:
         return []
