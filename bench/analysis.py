@@ -455,7 +455,8 @@ def convert_summary(result: dict) -> list[str]:
     m = result["models"]
     if "small" in m and "large" in m:
         growth = result["peak_rss_growth_small_to_large"]
-        lines.append(f"checkpoint grew {m['large']['checkpoint_bytes'] / m['small']['checkpoint_bytes']:.2f}x "
+        grew = m["large"]["checkpoint_bytes"] / m["small"]["checkpoint_bytes"]
+        lines.append(f"checkpoint grew {grew:.2f}x "
                      "small -> large; converter peak RSS grew "
                      + ", ".join(f"{g:.2f}x ({k.split('/')[0]})" for k, g in growth.items()))
     for kind, speedup in result.get("speedup_2_ranks", {}).items():
@@ -468,7 +469,8 @@ def convert_summary(result: dict) -> list[str]:
 def convert_table(result: dict) -> str:
     """bench/convert.py's table and summary from its JSON (the README's conversion block)."""
     minutes, seconds = divmod(int(round(result["wall_seconds"])), 60)
-    lines = [f"    {result['command']}    # {minutes} min {seconds:02d} s", "", "    " + CONVERT_HEADER]
+    lines = [f"    {result['command']}    # {minutes} min {seconds:02d} s", "",
+             "    " + CONVERT_HEADER]
     for model, m in result["models"].items():
         lines += ["    " + convert_row(model, name, row, m["checkpoint_bytes"], m["copy"])
                   for name, row in m["conversions"].items()]

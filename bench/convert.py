@@ -21,8 +21,9 @@ under torchrun at 1 and 2 ranks (gloo; work split by writer.split_among_ranks): 
 the source is open) above the RSS at that point. Cores: the CPU seconds (user + system, every
 thread of every rank) per second of the conversion; on this 2-core machine, where one process
 already keeps more than one core busy (its pieces are made in a thread ahead of the writer, files
-are synced and checksummed in another), that bounds what a second rank can add. The integrity checks (checkpoint/integrity.py)
-are timed against the same conversion without them (`--no-checks`), alternated 3 times.
+are synced and checksummed in another), that bounds what a second rank can add. The integrity
+checks (checkpoint/integrity.py) are timed against the same conversion without them
+(`--no-checks`), alternated 3 times.
 """
 import argparse
 import json

@@ -181,3 +181,42 @@ def test_chained_optimizer_prefixes_are_read(saved, tmp_path):
     prefixed = open_checkpoint(str(tmp_path))
     assert any(k.startswith("chained_1.optimizer.state.exp_avg.") for k in prefixed.dcp.tensors)
     _assert_same_state(source, prefixed)
+
+
+@pytest.mark.parametrize("fmt", ["dp_reshardable", "fully_reshardable"])
+def test_chunks_read_straight_into_place_equal_torch_dcp_load(saved, fmt, monkeypatch):
+    """checkpoint/dcp.py reads a region stored plainly in its chunk straight from the file into
+    its destination (no torch.load): every tensor, region, layer slice and region not in one run
+    of its chunk (loaded and copied as DCP does) equals torch's own DCP load of the tensor."""
+    import glob
+
+    import torch.distributed.checkpoint as torch_dcp
+
+    from megatron_sparkling.checkpoint import dcp
+
+    direct = []
+    read_direct = dcp._DirectReader._read_direct
+
+    def counted(*args):
+        direct.append(read_direct(*args))
+        return direct[-1]
+
+    monkeypatch.setattr(dcp._DirectReader, "_read_direct", staticmethod(counted))
+    path = glob.glob(os.path.join(saved[True, fmt], "iter_*"))[0]
+    ckpt = dcp.DcpCheckpoint(path)
+    whole = {k: torch.empty(s.shape, dtype=s.dtype) for k, s in ckpt.tensors.items()}
+    torch_dcp.load(whole, checkpoint_id=path, no_dist=True)
+    for key, ref in whole.items():
+        shape = tuple(ref.shape)
+        assert torch.equal(ckpt.read(key), ref), key
+        if len(shape) == 1 and shape[0] > 10:
+            lo, hi = shape[0] // 3, 2 * shape[0] // 3
+            assert torch.equal(ckpt.read(key, (lo,), (hi - lo,)), ref[lo:hi]), key
+        if len(shape) >= 2 and shape[0] > 1:
+            assert torch.equal(ckpt.read_layer(key, 1), ref[1]), key
+        if len(shape) >= 3 and shape[-1] > 1:
+            half = shape[-1] // 2
+            region = ckpt.read(key, (1,) + (0,) * (len(shape) - 1),
+                               (1,) + shape[1:-1] + (half,))
+            assert torch.equal(region, ref[1:2, ..., :half]), key
+    assert any(direct) and not all(direct)   # both ways were taken

@@ -12,8 +12,13 @@ chunks that cover it, so memory stays bounded by what is asked for. Nothing is e
 from __future__ import annotations
 
 import bisect
+import collections
+import ctypes
 import io
+import math
 import os
+import pickle
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -111,12 +116,174 @@ class _RegionPlanner(LoadPlanner):
         pass
 
 
+# ---------------------------------------------------------------------------- chunk reads
+@dataclass(frozen=True)
+class _SavedLayout:
+    """Where torch.save put one tensor's elements: its storage (key, dtype, elements) and the
+    tensor's offset, size and stride in it."""
+    key: str
+    dtype: torch.dtype
+    storage_numel: int
+    offset: int
+    size: tuple
+    stride: tuple
+
+    def contiguous_region(self, offsets, lengths):
+        """(first element, elements) of the region [offsets, offsets + lengths) where it is
+        one contiguous run of the storage; None where it is not."""
+        if (self.offset or math.prod(self.size) != self.storage_numel
+                or not len(offsets) == len(lengths) == len(self.size)):
+            return None
+        expected = 1
+        for n, st in zip(reversed(self.size), reversed(self.stride)):
+            if n != 1 and st != expected:
+                return None
+            expected *= n
+        # one run iff every dim after the first one longer than 1 is whole
+        k = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
+        if any(o != 0 or l != n for o, l, n in zip(offsets[k + 1:], lengths[k + 1:],
+                                                  self.size[k + 1:])):
+            return None
+        first = sum(o * st for o, st in zip(offsets, self.stride))
+        return first, math.prod(lengths)
+
+
+class _LayoutUnpickler(pickle.Unpickler):
+    """A saved tensor's data.pkl read for its layout only: no data, and no name but those of a
+    saved tensor (what torch.load's weights_only allows of them)."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._layout
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage") and name != "UntypedStorage":
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a saved tensor")
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _, numel = pid
+        if kind != "storage":
+            raise pickle.UnpicklingError(f"unexpected persistent id {kind!r}")
+        return key, storage_type._dtype, numel   # (`.dtype` warns that TypedStorage is deprecated)
+
+    @staticmethod
+    def _layout(storage, offset, size, stride, *rest):
+        key, dtype, numel = storage
+        return _SavedLayout(key, dtype, numel, offset, tuple(size), tuple(stride))
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only window [offset, offset + length) of an open file (one DCP chunk), read with
+    pread (the file's own position is left alone)."""
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self.fd, self.offset, self.length, self._pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.length}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        got = self.read_at(view[:max(0, min(len(view), self.length - self._pos))], self._pos)
+        self._pos += got
+        return got
+
+    def read_at(self, view: memoryview, position: int) -> int:
+        """Fill `view` from `position` in the window (fewer bytes only at the file's end)."""
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], self.offset + position + done)
+            if got == 0:
+                break
+            done += got
+        return done
+
+
+class _DirectReader(FileSystemReader):
+    """DCP's reader, with each tensor region read straight from the file into its destination
+    when torch.save stored it plainly (contiguous, little-endian: the layout from data.pkl, the
+    offset from the zip's directory); anything else is loaded as DCP loads it (torch.load with
+    weights_only, then copied). It saves torch.load's own buffer and the copy out of it."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner):
+        if any(self.storage_data[r.storage_index].transform_descriptors for r in plan.items):
+            return super().read_data(plan, planner)   # compressed or otherwise transformed
+        per_file: dict[str, list] = {}
+        for req in plan.items:
+            per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+        for name, reqs in per_file.items():
+            fd = os.open(os.path.join(str(self.path), name), os.O_RDONLY)
+            try:
+                for req in reqs:
+                    info = self.storage_data[req.storage_index]
+                    chunk = _FileSlice(fd, info.offset, info.length)
+                    if req.type == LoadItemType.BYTE_IO:
+                        planner.load_bytes(req, io.BytesIO(chunk.read()))
+                    elif not self._read_direct(chunk, req, planner):
+                        self._read_loaded(chunk, req, planner)
+            finally:
+                os.close(fd)
+        fut = torch.futures.Future()
+        fut.set_result(None)
+        return fut
+
+    @staticmethod
+    def _read_direct(chunk: _FileSlice, req, planner) -> bool:
+        try:
+            reader = torch._C.PyTorchFileReader(chunk)
+            if reader.get_record("byteorder").decode() != sys.byteorder:
+                return False
+            layout = _LayoutUnpickler(io.BytesIO(reader.get_record("data.pkl"))).load()
+            data_at = reader.get_record_offset(f"data/{layout.key}")
+        except (RuntimeError, pickle.UnpicklingError, AttributeError, ValueError, TypeError):
+            return False   # not the plain layout: torch.load reads it (or names the damage)
+        region = layout.contiguous_region(tuple(req.storage_offsets), tuple(req.lengths))
+        target = planner.resolve_tensor(req).detach()
+        if (region is None or not target.is_contiguous() or target.dtype != layout.dtype
+                or tuple(target.shape) != tuple(req.lengths)):
+            return False
+        item = target.element_size()
+        if data_at + layout.storage_numel * item > chunk.length:
+            raise EOFError(f"a chunk of {req.storage_index.fqn} is shorter than its tensor")
+        first, count = region
+        view = memoryview((ctypes.c_char * (count * item)).from_address(target.data_ptr()))
+        if chunk.read_at(view.cast("B"), data_at + first * item) != count * item:
+            raise EOFError(f"a chunk of {req.storage_index.fqn} ends early")
+        planner.commit_tensor(req, target)
+        return True
+
+    @staticmethod
+    def _read_loaded(chunk, req, planner) -> None:
+        chunk.seek(0)
+        tensor = torch.load(io.BufferedReader(chunk), map_location="cpu", weights_only=True)
+        for dim, (offset, length) in enumerate(zip(req.storage_offsets, req.lengths)):
+            tensor = tensor.narrow(dim, offset, length)
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise ValueError(f"{req.storage_index.fqn}: a chunk region of {tuple(tensor.shape)} "
+                             f"for {tuple(target.shape)}")
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
+
+
 class DcpCheckpoint:
     """The tensors and ShardedObjects of one torch_dist checkpoint directory, read lazily."""
 
     def __init__(self, path: str):
         self.path = path
-        self._reader = FileSystemReader(path)
+        self._reader = _DirectReader(path)
         try:
             self.metadata = self._reader.read_metadata()
         except FileNotFoundError:

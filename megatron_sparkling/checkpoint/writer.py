@@ -380,7 +380,8 @@ def write_torch_dist(directory: str, specs: dict, produce: Callable, objects: di
     state dict (rank 0 writes common.pt); `finish()`: called after this rank's last piece is
     produced, before the save completes (what checks the produced stream); `digest()`: a new
     running digest (`update(bytes)`, `value()`, e.g. integrity.Crc32) fed each data file this
-    rank writes as it is written (WriteStats.digests). Collective under torch.distributed (same arguments).
+    rank writes as it is written (WriteStats.digests). Collective under torch.distributed (same
+    arguments).
 
     The result is what megatron-core's dist_checkpointing loads at ANY TP/EP/PP/DP layout:
     - `.metadata` + `__R_K.distcp`: every tensor under its global key with its global shape
