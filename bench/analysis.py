@@ -398,9 +398,15 @@ def report(results: dict, reference: str = "sparkling") -> str:
 
 
 def run_line(results: dict) -> str:
-    """The command and its measured duration, as the README quotes them."""
+    """The command and its measured duration, as the README quotes them (without the folders it
+    wrote to, which do not change a figure and name one machine's paths)."""
     minutes, seconds = divmod(int(round(results["seconds"])), 60)
-    return (f"    {results['command']}    # {minutes} min {seconds:02d} s, "
+    words, kept = results["command"].split(), []
+    for i, word in enumerate(words):
+        if word in ("--out", "--cache") or (i and words[i - 1] in ("--out", "--cache")):
+            continue
+        kept.append(word)
+    return (f"    {' '.join(kept)}    # {minutes} min {seconds:02d} s, "
             f"{results['jobs']} process(es) x {results['threads']} thread(s)")
 
 

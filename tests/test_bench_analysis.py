@@ -185,3 +185,10 @@ def test_identical_curves_under_two_names_are_flagged():
     assert analysis.identical_runs(grown) == [("random", "copy-opt")]
     assert "random and copy-opt have identical curves after growth" in analysis.report(results)
     assert "identical curves" not in analysis.report(_fake_results(FINALS))
+
+
+def test_the_quoted_command_leaves_out_the_folders_it_wrote_to():
+    results = {"command": "python bench/progressive.py --quick --out /x/runs --seeds 3 --cache /c",
+               "seconds": 125.4, "jobs": 2, "threads": 1}
+    assert analysis.run_line(results) == ("    python bench/progressive.py --quick --seeds 3    "
+                                          "# 2 min 05 s, 2 process(es) x 1 thread(s)")
