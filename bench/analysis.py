@@ -397,17 +397,25 @@ def report(results: dict, reference: str = "sparkling") -> str:
     return "\n".join(lines)
 
 
-def run_line(results: dict) -> str:
-    """The command and its measured duration, as the README quotes them (without the folders it
-    wrote to, which do not change a figure and name one machine's paths)."""
-    minutes, seconds = divmod(int(round(results["seconds"])), 60)
-    words, kept = results["command"].split(), []
+OUTPUT_FLAGS = ("--out", "--cache")
+
+
+def portable_command(words: list) -> str:
+    """A benchmark's command as its results record it: without the folders it wrote to (no
+    figure depends on them, and they name one machine's paths)."""
+    kept = []
     for i, word in enumerate(words):
-        if word in ("--out", "--cache") or (i and words[i - 1] in ("--out", "--cache")):
+        if word in OUTPUT_FLAGS or (i and words[i - 1] in OUTPUT_FLAGS):
             continue
         kept.append(word)
-    return (f"    {' '.join(kept)}    # {minutes} min {seconds:02d} s, "
-            f"{results['jobs']} process(es) x {results['threads']} thread(s)")
+    return " ".join(kept)
+
+
+def run_line(results: dict) -> str:
+    """The command and its measured duration, as the README quotes them."""
+    minutes, seconds = divmod(int(round(results["seconds"])), 60)
+    return (f"    {portable_command(results['command'].split())}    # {minutes} min "
+            f"{seconds:02d} s, {results['jobs']} process(es) x {results['threads']} thread(s)")
 
 
 # ---------------------------------------------------------------------- progressive depth

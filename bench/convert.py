@@ -262,7 +262,7 @@ def main(checks_only: bool = False, out: str = "", models=None) -> None:
                     json.dump({"integrity_checks": c}, f, indent=1)
             return
         print(analysis.CONVERT_HEADER, flush=True)
-        command = " ".join(["python", "bench/convert.py"] + sys.argv[1:])
+        command = analysis.portable_command(["python", "bench/convert.py"] + sys.argv[1:])
         result = {"models": {}, "command": command}
         for name in models:
             src = os.path.join(tmp, name)

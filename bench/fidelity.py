@@ -226,7 +226,8 @@ def main(argv=None) -> int:
                        "LOCAL_RANK": "0"})
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 200))
     t0 = time.time()
-    command = " ".join(([f"FIDELITY_TREE={TREE}"] if TREE != REPO else [])
+    commit = tree_commit(TREE)   # the measured tree by its commit, not by one machine's path
+    command = " ".join(([f"FIDELITY_TREE=<a checkout of {commit}>"] if TREE != REPO else [])
                        + ["python", "bench/fidelity.py"] + sys.argv[1:])
     rows = []
     try:
@@ -245,7 +246,9 @@ def main(argv=None) -> int:
                       f"{100 * r['rms_worst_dev']:.2f}%", flush=True)
     finally:
         shutdown()
-    results = {"command": command, "tree": TREE, "tree_commit": tree_commit(TREE),
+    results = {"command": command,
+               "tree": "this repository" if TREE == REPO else "another checkout",
+               "tree_commit": commit,
                "train_iters": a.train_iters, "small_model": SMALL,
                "small_loss": small.figures.loss, "seconds": time.time() - t0, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -814,7 +814,7 @@ def main(argv=None) -> int:
     publish = a.publish if a.publish not in (None, "none") else (
         os.path.join(REPO, "docs", "results", f"progressive_{mode}")
         if standard and a.publish is None else None)
-    command = " ".join(["python", "bench/progressive.py"] + argv)
+    command = analysis.portable_command(["python", "bench/progressive.py"] + argv)
     for grow_at in grow_points:
         out = a.out if len(grow_points) == 1 else os.path.join(a.out, f"grow_at_{grow_at:g}")
         if a.estimate:
